@@ -1,0 +1,569 @@
+//! The per-frame path between the local interface and the rings, kept apart from setup (after
+//! Firecracker's `process_tx`/`process_rx`): buffers are preallocated, per-frame failures are
+//! counted rather than returned, counters are published once per batch, and a peer can make
+//! it drop frames but never panic.
+//!
+//! The row of rings this member writes is its output queue (seed claim 11); it drains the
+//! column of rings addressed to it.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use super::link::{Claim, LinkEvent, Links};
+use super::switch::{Forward, Switch};
+use super::tap::FrameIo;
+use crate::region::layout::{
+    DoorbellCounter, PeerCounter, DOORBELL_COUNTERS, ETH_OVERHEAD, PEER_COUNTERS,
+};
+use crate::region::ring::{Consumer, Peek, Producer, PushError};
+use crate::region::{PeerState, Region};
+
+/// Doorbell vector for link-state changes.
+pub const VECTOR_LINK: u16 = 0;
+/// Doorbell vector for data.
+pub const VECTOR_DATA: u16 = 1;
+
+/// Rings another member's doorbell.
+pub trait Notifier {
+    /// Signals `vector` of peer `peer`. Returns false if the peer has no such doorbell.
+    fn notify(&mut self, peer: u32, vector: u16) -> bool;
+}
+
+/// For backends without doorbells (the `file` backend): peers poll, nothing to ring.
+pub struct NoDoorbells;
+
+impl Notifier for NoDoorbells {
+    fn notify(&mut self, _peer: u32, _vector: u16) -> bool {
+        false
+    }
+}
+
+/// A frame held back because its ring was full (back-pressure towards the local stack).
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    len: usize,
+    dst: u32,
+    since: Instant,
+}
+
+/// One log line per interval per kind, whatever a peer does.
+struct RateLimit {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        RateLimit { next: None, suppressed: 0 }
+    }
+
+    /// Returns Some(number suppressed since the last line) when a line may be logged now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.next {
+            Some(t) if now < t => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.next = Some(now + Self::INTERVAL);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Tunables of the data path.
+#[derive(Debug, Clone, Copy)]
+pub struct DatapathOptions {
+    /// The local interface's MTU (frames up to MTU + 18 bytes pass).
+    pub mtu: u32,
+    /// How long a peer's heartbeat may stall before its link is down.
+    pub link_timeout: Duration,
+    /// How long a unicast frame may wait for ring space before it is dropped and the ring is
+    /// treated as stalled.
+    pub stall_timeout: Duration,
+    /// Frames per batch (per direction, per ring).
+    pub batch: usize,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        DatapathOptions {
+            mtu: 1500,
+            link_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_millis(100),
+            batch: 64,
+        }
+    }
+}
+
+/// Why the data path stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// Someone else took over our slot (we were presumed dead).
+    #[error(
+        "peer slot {id} was taken over by another process (incarnation {theirs}, ours {ours}): \
+         this agent was presumed dead; restart it"
+    )]
+    Evicted {
+        /// Our id.
+        id: u32,
+        /// Our incarnation.
+        ours: u64,
+        /// The incarnation now in the slot.
+        theirs: u64,
+    },
+    /// The local interface failed in a way that will not recover.
+    #[error("local interface failed")]
+    Interface(#[source] io::Error),
+}
+
+/// The data path of one member.
+pub struct Datapath<T: FrameIo> {
+    region: Region,
+    claim: Claim,
+    /// The local interface.
+    pub tap: T,
+    producers: Vec<Option<Producer>>,
+    consumers: Vec<Option<Consumer>>,
+    links: Links,
+    switch: Switch,
+    buf: Box<[u8]>,
+    max_eth: usize,
+    iov: Vec<libc::iovec>,
+    pending: Option<Pending>,
+    /// Peers whose ring made no progress for the stall timeout: frames to them are dropped
+    /// without waiting until their consumer moves again.
+    stalled: Vec<bool>,
+    tap_readable: bool,
+    counters: [u64; PEER_COUNTERS],
+    doorbells: [u64; DOORBELL_COUNTERS],
+    counters_dirty: bool,
+    opts: DatapathOptions,
+    next_beat: Instant,
+    corrupt_log: RateLimit,
+    io_log: RateLimit,
+}
+
+impl<T: FrameIo> Datapath<T> {
+    /// Takes over our row and column of rings (discarding anything left for an earlier life of
+    /// our slot) and announces us in the peer table, then marks us up.
+    pub fn join(
+        region: Region,
+        claim: Claim,
+        tap: T,
+        mac: [u8; 6],
+        kind: crate::region::PeerKind,
+        opts: DatapathOptions,
+    ) -> Self {
+        let me = claim.id;
+        let n = region.geometry().max_peers;
+        let slot = region.peer(me);
+        slot.set_state(PeerState::Joining);
+        slot.set_info(mac, opts.mtu, 0, kind, std::process::id());
+        slot.beat(crate::sys::wall_ms());
+        let producers = (0..n)
+            .map(|d| (d != me).then(|| Producer::new(&region, me, d, claim.epoch())))
+            .collect();
+        let consumers = (0..n).map(|s| (s != me).then(|| Consumer::new(&region, s, me))).collect();
+        // Release (in set_state): the resets above are visible to whoever sees us up.
+        slot.set_state(PeerState::Up);
+        let max_eth = (opts.mtu + ETH_OVERHEAD) as usize;
+        let max_segs = region.geometry().max_segments_per_frame() as usize;
+        let mut switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
+        switch.learn(mac, me, Instant::now());
+        Datapath {
+            links: Links::new(&region, me, opts.link_timeout),
+            region,
+            claim,
+            tap,
+            producers,
+            consumers,
+            switch,
+            buf: vec![0u8; max_eth].into_boxed_slice(),
+            max_eth,
+            iov: Vec::with_capacity(max_segs),
+            pending: None,
+            stalled: vec![false; n as usize],
+            tap_readable: true,
+            counters: [0; PEER_COUNTERS],
+            doorbells: [0; DOORBELL_COUNTERS],
+            counters_dirty: true,
+            opts,
+            next_beat: Instant::now(),
+            corrupt_log: RateLimit::new(),
+            io_log: RateLimit::new(),
+        }
+    }
+
+    /// Our claim (id and incarnation).
+    pub fn claim(&self) -> Claim {
+        self.claim
+    }
+
+    /// The links as this member sees them.
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+
+    /// Notes that the local interface may have frames to read.
+    pub fn set_tap_readable(&mut self) {
+        self.tap_readable = true;
+    }
+
+    /// Whether there may be more frames on the local interface that we did not read yet
+    /// (a batch ended on its budget, not on `WouldBlock`), and we are not blocked on a ring.
+    pub fn tap_backlog(&self) -> bool {
+        self.tap_readable && self.pending.is_none()
+    }
+
+    /// Whether a frame is held back waiting for ring space.
+    pub fn is_blocked(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    #[inline]
+    fn count(&mut self, c: PeerCounter, by: u64) {
+        self.counters[c as usize] += by;
+        self.counters_dirty = true;
+    }
+
+    /// Counts a doorbell event (published with the other counters).
+    #[inline]
+    pub fn count_doorbell(&mut self, c: DoorbellCounter) {
+        self.doorbells[c as usize] += 1;
+        self.counters_dirty = true;
+    }
+
+    /// Queues `buf[..len]` to `dst`. Returns false if the ring is full (nothing queued).
+    #[inline]
+    fn push_to(&mut self, dst: u32, len: usize) -> Result<(), PushError> {
+        let p = self.producers[dst as usize].as_mut().expect("producer for every other peer");
+        p.push(&[], &self.buf[..len])
+    }
+
+    /// Moves frames from the local interface into the rings: at most one batch. Returns the
+    /// number of frames handled.
+    pub fn tx(&mut self, now: Instant) -> usize {
+        if let Some(p) = self.pending {
+            match self.push_to(p.dst, p.len) {
+                Ok(()) => {
+                    self.pending = None;
+                    self.producers[p.dst as usize].as_ref().expect("producer").set_waiting(false);
+                }
+                Err(_) => {
+                    let prod = self.producers[p.dst as usize].as_mut().expect("producer");
+                    if prod.tail_moved() {
+                        self.pending = Some(Pending { since: now, ..p });
+                    } else if now.duration_since(p.since) >= self.opts.stall_timeout {
+                        prod.count_drop_full();
+                        prod.set_waiting(false);
+                        self.stalled[p.dst as usize] = true;
+                        self.pending = None;
+                        log::warn!("peer {}: ring stalled (consumer made no progress for {:?}); dropping its frames until it moves", p.dst, self.opts.stall_timeout);
+                    }
+                    if self.pending.is_some() {
+                        return 0;
+                    }
+                }
+            }
+        }
+        let mut handled = 0;
+        while handled < self.opts.batch {
+            let len = match self.tap.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tap_readable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.count(PeerCounter::LocalIoErrors, 1);
+                    if let Some(s) = self.io_log.allow(now) {
+                        log::warn!(
+                            "reading the local interface failed: {e} ({s} similar suppressed)"
+                        );
+                    }
+                    self.tap_readable = false;
+                    break;
+                }
+            };
+            handled += 1;
+            self.count(PeerCounter::LocalRxFrames, 1);
+            self.count(PeerCounter::LocalRxBytes, len as u64);
+            if len < 14 {
+                self.count(PeerCounter::DropRunt, 1);
+                continue;
+            }
+            if len > self.max_eth {
+                self.count(PeerCounter::DropOversize, 1);
+                continue;
+            }
+            let mut dst = [0u8; 6];
+            let mut src = [0u8; 6];
+            dst.copy_from_slice(&self.buf[0..6]);
+            src.copy_from_slice(&self.buf[6..12]);
+            self.switch.learn(src, self.claim.id, now);
+            match self.switch.forward(dst, now) {
+                Forward::ToSelf => self.count(PeerCounter::DropToSelf, 1),
+                Forward::Unicast(peer) => {
+                    if !self.links.is_up(peer) {
+                        self.producers[peer as usize].as_mut().expect("producer").count_drop_down();
+                        continue;
+                    }
+                    if self.unicast(peer, len, now) {
+                        break; // blocked on a full ring: leave the rest in the TAP queue
+                    }
+                }
+                Forward::Flood => self.flood(len),
+            }
+        }
+        handled
+    }
+
+    /// Sends to one peer; returns true if the frame is now pending (ring full).
+    fn unicast(&mut self, peer: u32, len: usize, now: Instant) -> bool {
+        match self.push_to(peer, len) {
+            Ok(()) => {
+                self.stalled[peer as usize] = false;
+                false
+            }
+            Err(PushError::Oversize(_) | PushError::Empty) => {
+                self.count(PeerCounter::DropOversize, 1);
+                false
+            }
+            Err(PushError::Full) => {
+                let prod = self.producers[peer as usize].as_mut().expect("producer");
+                if self.stalled[peer as usize] && !prod.tail_moved() {
+                    prod.count_drop_full();
+                    return false;
+                }
+                self.stalled[peer as usize] = false;
+                // Publish what we have so the consumer can make room, then wait for it.
+                prod.set_waiting(true);
+                self.pending = Some(Pending { len, dst: peer, since: now });
+                true
+            }
+        }
+    }
+
+    /// Copies the frame to every peer whose link is up; a full ring drops its copy.
+    fn flood(&mut self, len: usize) {
+        let mut sent = 0;
+        for peer in 0..self.producers.len() as u32 {
+            if peer == self.claim.id || !self.links.is_up(peer) {
+                continue;
+            }
+            match self.push_to(peer, len) {
+                Ok(()) => sent += 1,
+                Err(PushError::Full) => {
+                    self.producers[peer as usize].as_mut().expect("producer").count_drop_full()
+                }
+                Err(PushError::Oversize(_) | PushError::Empty) => {
+                    self.count(PeerCounter::DropOversize, 1);
+                    return;
+                }
+            }
+        }
+        if sent == 0 {
+            self.count(PeerCounter::DropNoPeer, 1);
+        } else {
+            self.count(PeerCounter::Flooded, 1);
+        }
+    }
+
+    /// Drains the rings addressed to us into the local interface: at most one batch per ring.
+    /// Returns the number of frames handled; producers waiting for space are rung.
+    pub fn rx(&mut self, now: Instant, notifier: &mut dyn Notifier) -> usize {
+        let mut handled = 0;
+        for src in 0..self.consumers.len() as u32 {
+            if src == self.claim.id || !self.links.is_up(src) {
+                continue;
+            }
+            // The producer's current incarnation: frames from any earlier life are dropped.
+            let epoch = self.region.peer(src).incarnation() as u32;
+            let Some(cons) = self.consumers[src as usize].as_mut() else { continue };
+            let mut n = 0;
+            while n < self.opts.batch {
+                match cons.peek(epoch) {
+                    Peek::Empty => break,
+                    Peek::Stale => continue,
+                    Peek::Corrupt(reason) => {
+                        if let Some(s) = self.corrupt_log.allow(now) {
+                            log::warn!("ring from peer {src} is inconsistent ({reason:?}); skipped what it published ({s} similar suppressed)");
+                        }
+                        break;
+                    }
+                    Peek::Frame(info) => {
+                        n += 1;
+                        let mut hdr = [0u8; 12];
+                        if cons.copy_prefix(&mut hdr) == 12 && hdr[6] & 1 == 0 {
+                            let mut mac = [0u8; 6];
+                            mac.copy_from_slice(&hdr[6..12]);
+                            self.switch.learn(mac, src, now);
+                        }
+                        match self.tap.send_from_ring(cons, &mut self.iov) {
+                            Ok(_) => {
+                                cons.advance(true);
+                                self.counters[PeerCounter::LocalTxFrames as usize] += 1;
+                                self.counters[PeerCounter::LocalTxBytes as usize] +=
+                                    info.len as u64;
+                            }
+                            Err(e) => {
+                                cons.advance(false);
+                                if e.kind() != io::ErrorKind::WouldBlock {
+                                    self.counters[PeerCounter::LocalIoErrors as usize] += 1;
+                                    if let Some(s) = self.io_log.allow(now) {
+                                        log::warn!("writing a frame from peer {src} to the local interface failed: {e} ({s} similar suppressed)");
+                                    }
+                                }
+                            }
+                        }
+                        self.counters_dirty = true;
+                    }
+                }
+            }
+            cons.publish();
+            if n > 0 && cons.producer_waiting() && notifier.notify(src, VECTOR_DATA) {
+                self.doorbells[DoorbellCounter::Rung as usize] += 1;
+            }
+            handled += n;
+        }
+        handled
+    }
+
+    /// Publishes queued frames and counters; rings the doorbell of each consumer that is
+    /// waiting (and only those: a busy consumer is not interrupted).
+    pub fn publish(&mut self, notifier: &mut dyn Notifier) {
+        for (dst, p) in self.producers.iter_mut().enumerate() {
+            let Some(p) = p else { continue };
+            if p.publish_and_check_waiting() {
+                if notifier.notify(dst as u32, VECTOR_DATA) {
+                    self.doorbells[DoorbellCounter::Rung as usize] += 1;
+                    self.counters_dirty = true;
+                }
+            } else if p.in_flight() > 0 {
+                // Published but the consumer is busy (or polls): no doorbell needed.
+            }
+        }
+        if self.counters_dirty {
+            self.counters_dirty = false;
+            let slot = self.region.peer(self.claim.id);
+            slot.store_counters(&self.counters);
+            slot.store_doorbell_counters(&self.doorbells);
+        }
+    }
+
+    /// Counts a publish that needed no doorbell (the consumer was busy).
+    pub fn count_suppressed(&mut self, n: u64) {
+        self.doorbells[DoorbellCounter::Suppressed as usize] += n;
+        self.counters_dirty = true;
+    }
+
+    /// Heartbeat and link checks; due every heartbeat interval. Returns the time of the next.
+    pub fn housekeeping(
+        &mut self,
+        now: Instant,
+        notifier: &mut dyn Notifier,
+    ) -> Result<Instant, DatapathError> {
+        if now < self.next_beat {
+            return Ok(self.next_beat);
+        }
+        let slot = self.region.peer(self.claim.id);
+        let theirs = slot.incarnation();
+        if theirs != self.claim.incarnation {
+            return Err(DatapathError::Evicted {
+                id: self.claim.id,
+                ours: self.claim.incarnation,
+                theirs,
+            });
+        }
+        slot.beat(crate::sys::wall_ms());
+        let Datapath { links, region, switch, stalled, pending, .. } = self;
+        let mut changed = false;
+        links.tick(region, now, |ev| {
+            changed = true;
+            match ev {
+                LinkEvent::Up { id, mac } => {
+                    log::info!("peer {id} ({}) is up", crate::mac::Mac(mac));
+                    switch.learn(mac, id, now);
+                    stalled[id as usize] = false;
+                }
+                LinkEvent::Restarted { id, mac } => {
+                    log::info!(
+                        "peer {id} ({}) restarted with a new incarnation",
+                        crate::mac::Mac(mac)
+                    );
+                    switch.forget_peer(id);
+                    switch.learn(mac, id, now);
+                    stalled[id as usize] = false;
+                }
+                LinkEvent::Down { id } => {
+                    log::info!("peer {id} is down");
+                    switch.forget_peer(id);
+                    if pending.is_some_and(|p| p.dst == id) {
+                        *pending = None;
+                    }
+                }
+            }
+        });
+        let _ = (changed, notifier);
+        self.next_beat = now + super::link::heartbeat_interval(self.opts.link_timeout);
+        Ok(self.next_beat)
+    }
+
+    /// A peer left (reported by the doorbell server): mark it down now.
+    pub fn peer_left(&mut self, id: u32) {
+        if self.links.force_down(id) {
+            log::info!("peer {id} left (reported by the doorbell server)");
+            self.switch.forget_peer(id);
+            if self.pending.is_some_and(|p| p.dst == id) {
+                self.pending = None;
+            }
+        }
+    }
+
+    /// Sets our waiting flag on every inbound ring and re-checks them. Returns true if data is
+    /// there after all (do not sleep).
+    pub fn prepare_to_sleep(&mut self) -> bool {
+        let mut found = false;
+        for (src, c) in self.consumers.iter_mut().enumerate() {
+            if let Some(c) = c {
+                if self.links.is_up(src as u32) && c.prepare_to_sleep() {
+                    found = true;
+                }
+            }
+        }
+        if found {
+            self.wake();
+        }
+        found
+    }
+
+    /// Clears our waiting flags: we are busy, producers need not ring us.
+    pub fn wake(&mut self) {
+        for c in self.consumers.iter().flatten() {
+            c.wake();
+        }
+    }
+
+    /// Whether any inbound ring from an up peer has data.
+    pub fn rx_pending(&mut self) -> bool {
+        let links = &self.links;
+        self.consumers
+            .iter_mut()
+            .enumerate()
+            .any(|(src, c)| links.is_up(src as u32) && c.as_mut().is_some_and(|c| c.has_data()))
+    }
+
+    /// Leaves the segment cleanly: marks our slot as left.
+    pub fn leave(&mut self) {
+        self.publish(&mut NoDoorbells);
+        let slot = self.region.peer(self.claim.id);
+        if slot.incarnation() == self.claim.incarnation {
+            slot.set_state(PeerState::Left);
+        }
+    }
+}

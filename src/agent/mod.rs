@@ -1,0 +1,287 @@
+//! The agent: one event loop (mio) over the TAP, a poll timer, doorbells and signals, moving
+//! frames between the local interface and the rings.
+//!
+//! Setup (may allocate, log and fail with context) is [`run`]; the per-frame work is in
+//! [`datapath`].
+
+pub mod datapath;
+pub mod link;
+pub mod switch;
+pub mod tap;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::config::AgentConfig;
+use crate::mac::Mac;
+use crate::region::{PeerKind, PeerState, Region};
+use crate::sys::{SignalFd, TimerFd};
+use datapath::{Datapath, DatapathError, DatapathOptions, Notifier};
+use link::{Claim, ClaimError};
+use tap::{Tap, TapError};
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The TAP could not be created or configured.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// No peer slot.
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// The requested MTU does not fit the segment.
+    #[error("--mtu {mtu} is larger than the segment's MTU {segment_mtu} (set when the region was created)")]
+    MtuTooLarge {
+        /// Requested MTU.
+        mtu: u32,
+        /// Region's MTU.
+        segment_mtu: u32,
+    },
+    /// The event loop could not be set up.
+    #[error("cannot set up the event loop: {what}")]
+    EventLoop {
+        /// Which step.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The data path stopped.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+fn evloop(what: &'static str) -> impl FnOnce(io::Error) -> AgentError {
+    move |source| AgentError::EventLoop { what, source }
+}
+
+/// Reads the backend's control channel; pushes the ids of peers that left, or fails when the
+/// channel is gone.
+pub type ControlHandler = Box<dyn FnMut(&mut Vec<u32>) -> io::Result<()>>;
+
+/// Doorbell sources a backend may provide: descriptors to wait on, a notifier to ring peers,
+/// and a control channel that reports peers leaving.
+pub struct Wakeups {
+    /// Our own doorbell descriptors (readable when rung), one per vector.
+    pub own: Vec<RawFd>,
+    /// Rings other peers.
+    pub notifier: Box<dyn Notifier>,
+    /// Busy-poll this long after activity before sleeping on the doorbells.
+    pub spin: Duration,
+    /// Called when the control descriptor is readable; returns ids of peers that left, or an
+    /// error when the control channel is gone.
+    pub control: Option<(RawFd, ControlHandler)>,
+    /// Drains doorbell descriptor `fd` after it fired.
+    pub drain: Box<dyn FnMut(RawFd)>,
+}
+
+const TOKEN_TAP: Token = Token(0);
+const TOKEN_TIMER: Token = Token(1);
+const TOKEN_SIGNAL: Token = Token(2);
+const TOKEN_CONTROL: Token = Token(3);
+const TOKEN_DOORBELL_BASE: usize = 16;
+
+/// Releases a claimed slot if start-up fails before the data path takes it over.
+struct ClaimGuard<'r> {
+    region: &'r Region,
+    claim: Claim,
+    armed: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let slot = self.region.peer(self.claim.id);
+            if slot.incarnation() == self.claim.incarnation {
+                slot.set_state(PeerState::Left);
+            }
+        }
+    }
+}
+
+/// Runs the agent on an attached region until SIGINT/SIGTERM. `assigned_id` is the peer id a
+/// backend imposes (the doorbell server's, or IVPosition); it overrides the configured one.
+pub fn run(
+    region: Region,
+    cfg: &AgentConfig,
+    assigned_id: Option<u32>,
+    wakeups: Option<Wakeups>,
+) -> Result<(), AgentError> {
+    // Block the termination signals before anything else so they are never lost.
+    let signals = SignalFd::termination().map_err(evloop("signalfd"))?;
+    let g = region.geometry();
+    if cfg.mtu > g.mtu {
+        return Err(AgentError::MtuTooLarge { mtu: cfg.mtu, segment_mtu: g.mtu });
+    }
+    let tap = Tap::create(&cfg.tap)?;
+    let claim = link::claim(&region, assigned_id.or(cfg.peer_id), cfg.link_timeout)?;
+    let mut guard = ClaimGuard { region: &region, claim, armed: true };
+    let mac = cfg.mac.unwrap_or_else(|| Mac::for_peer(claim.id));
+    tap.set_mac(mac.0)?;
+    tap.set_mtu(cfg.mtu)?;
+    for a in &cfg.addresses {
+        tap.add_address(a.addr, a.prefix)?;
+    }
+    tap.set_up(true)?;
+    let opts = DatapathOptions {
+        mtu: cfg.mtu,
+        link_timeout: cfg.link_timeout,
+        ..DatapathOptions::default()
+    };
+    let tap_fd = tap.raw_fd_checked();
+    let tap_name = tap.name().to_string();
+    let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
+    guard.armed = false;
+    log::info!(
+        "joined {} as peer {} (incarnation {}): {} MAC {} MTU {}{}",
+        region.name(),
+        claim.id,
+        claim.incarnation,
+        tap_name,
+        mac,
+        cfg.mtu,
+        cfg.addresses.iter().map(|a| format!(" {a}")).collect::<String>()
+    );
+    let result = event_loop(&mut dp, tap_fd, &signals, cfg, wakeups);
+    dp.leave();
+    match &result {
+        Ok(()) => log::info!("left {} (peer {}), removed {}", region.name(), claim.id, tap_name),
+        Err(e) => log::error!("stopping: {e}"),
+    }
+    result
+}
+
+impl Tap {
+    fn raw_fd_checked(&self) -> RawFd {
+        use tap::FrameIo;
+        self.raw_fd().expect("a real TAP has a descriptor")
+    }
+}
+
+fn event_loop(
+    dp: &mut Datapath<Tap>,
+    tap_fd: RawFd,
+    signals: &SignalFd,
+    cfg: &AgentConfig,
+    mut wakeups: Option<Wakeups>,
+) -> Result<(), AgentError> {
+    use std::os::fd::AsRawFd;
+    let mut poll = Poll::new().map_err(evloop("epoll"))?;
+    let reg = poll.registry();
+    reg.register(&mut SourceFd(&tap_fd), TOKEN_TAP, Interest::READABLE)
+        .map_err(evloop("register the TAP"))?;
+    reg.register(&mut SourceFd(&signals.as_raw_fd()), TOKEN_SIGNAL, Interest::READABLE)
+        .map_err(evloop("register signals"))?;
+    let timer = TimerFd::new().map_err(evloop("timerfd"))?;
+    reg.register(&mut SourceFd(&timer.as_raw_fd()), TOKEN_TIMER, Interest::READABLE)
+        .map_err(evloop("register the timer"))?;
+    let mut no_doorbells = datapath::NoDoorbells;
+    let spin = wakeups.as_ref().map_or(Duration::ZERO, |w| w.spin);
+    if let Some(w) = wakeups.as_mut() {
+        for (i, fd) in w.own.iter().enumerate() {
+            reg.register(&mut SourceFd(fd), Token(TOKEN_DOORBELL_BASE + i), Interest::READABLE)
+                .map_err(evloop("register a doorbell"))?;
+        }
+        if let Some((fd, _)) = &w.control {
+            reg.register(&mut SourceFd(fd), TOKEN_CONTROL, Interest::READABLE)
+                .map_err(evloop("register the control socket"))?;
+        }
+    } else {
+        // No doorbells: poll the rings at the configured interval.
+        timer.set_periodic(Some(cfg.poll)).map_err(evloop("arm the poll timer"))?;
+    }
+    crate::sys::sd_notify_ready(&format!("peer {}", dp.claim().id));
+    let mut events = Events::with_capacity(64);
+    let mut left = Vec::with_capacity(8);
+    let mut last_work = Instant::now();
+    let mut sleeping = false;
+    loop {
+        let now = Instant::now();
+        let notifier: &mut dyn Notifier = match wakeups.as_mut() {
+            Some(w) => w.notifier.as_mut(),
+            None => &mut no_doorbells,
+        };
+        let next_hk = dp.housekeeping(now, notifier)?;
+        let work = dp.tx(now) + dp.rx(now, notifier);
+        dp.publish(notifier);
+        if work > 0 {
+            last_work = now;
+        }
+        let timeout = if work > 0 || dp.tap_backlog() {
+            Some(Duration::ZERO)
+        } else if wakeups.is_some() {
+            if dp.is_blocked() {
+                // Waiting for ring space: the consumer rings us when it frees some, but poll
+                // too in case it is an older peer that does not.
+                Some(Duration::from_millis(1))
+            } else if now.duration_since(last_work) < spin {
+                if dp.rx_pending() {
+                    dp.count_doorbell(crate::region::layout::DoorbellCounter::SpinsWithWork);
+                }
+                Some(Duration::ZERO)
+            } else if dp.prepare_to_sleep() {
+                Some(Duration::ZERO)
+            } else {
+                sleeping = true;
+                Some(next_hk.saturating_duration_since(now))
+            }
+        } else {
+            Some(next_hk.saturating_duration_since(now))
+        };
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(evloop("epoll_wait")(e)),
+        }
+        if sleeping {
+            sleeping = false;
+            dp.wake();
+            let rung = events.iter().any(|e| e.token().0 >= TOKEN_DOORBELL_BASE);
+            if rung {
+                dp.count_doorbell(crate::region::layout::DoorbellCounter::Wakeups);
+            }
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                TOKEN_TAP => dp.set_tap_readable(),
+                TOKEN_TIMER => {
+                    timer.drain();
+                }
+                TOKEN_SIGNAL => {
+                    if let Some(sig) = signals.read() {
+                        log::info!("signal {sig}: leaving the segment");
+                        return Ok(());
+                    }
+                }
+                TOKEN_CONTROL => {
+                    if let Some(w) = wakeups.as_mut() {
+                        if let Some((_, on_control)) = w.control.as_mut() {
+                            left.clear();
+                            if let Err(e) = on_control(&mut left) {
+                                return Err(AgentError::EventLoop {
+                                    what: "doorbell server connection",
+                                    source: e,
+                                });
+                            }
+                            for &id in &left {
+                                dp.peer_left(id);
+                            }
+                        }
+                    }
+                }
+                Token(t) if t >= TOKEN_DOORBELL_BASE => {
+                    if let Some(w) = wakeups.as_mut() {
+                        if let Some(&fd) = w.own.get(t - TOKEN_DOORBELL_BASE) {
+                            (w.drain)(fd);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}

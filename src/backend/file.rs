@@ -1,0 +1,147 @@
+//! The `file` backend: a plain shared file (`/dev/shm/...`, a hugetlbfs file, any file), mapped
+//! shared, polled for new frames. For tests and simple single-host setups.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::region::raw::ReadOnlyMapping;
+use crate::region::{GeometryRequest, Region, RegionError};
+use crate::sys;
+
+/// Why the region file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FileBackendError {
+    /// Open or create failed.
+    #[error("cannot open region file {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not exist and no size was given to create it.
+    #[error("region file {path} does not exist: give --size to create it")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Sizing the new file failed.
+    #[error("cannot size region file {path} to {size} bytes: {source}")]
+    Size {
+        /// The file.
+        path: PathBuf,
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is empty and cannot be mapped.
+    #[error("region file {path} is empty: give --size to size it")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// mmap failed.
+    #[error("cannot map region file {path}: {source}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The contents are not a usable region.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+}
+
+/// An exclusive `flock` for the duration of the sizing step (an OS lock, released by the
+/// kernel if we die: never a lock in shared memory).
+struct FlockGuard<'f>(&'f File);
+
+impl<'f> FlockGuard<'f> {
+    fn new(f: &'f File) -> io::Result<Self> {
+        sys::flock(f.as_raw_fd(), libc::LOCK_EX)?;
+        Ok(FlockGuard(f))
+    }
+}
+
+impl Drop for FlockGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = sys::flock(self.0.as_raw_fd(), libc::LOCK_UN) {
+            log::debug!("unlocking region file: {e}");
+        }
+    }
+}
+
+/// Opens (creating with `size` bytes if absent or empty) and joins the region file at `path`.
+pub fn attach(
+    path: &Path,
+    size: Option<u64>,
+    req: &GeometryRequest,
+) -> Result<Region, FileBackendError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(size.is_some())
+        .mode(0o660)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound if size.is_none() => {
+                FileBackendError::Missing { path: path.into() }
+            }
+            _ => FileBackendError::Open { path: path.into(), source },
+        })?;
+    {
+        // Several members may start at once: size the file under an OS lock so they agree.
+        let _lock = FlockGuard::new(&file)
+            .map_err(|source| FileBackendError::Open { path: path.into(), source })?;
+        let len = file
+            .metadata()
+            .map_err(|source| FileBackendError::Open { path: path.into(), source })?
+            .len();
+        if len == 0 {
+            let Some(size) = size else {
+                return Err(FileBackendError::Empty { path: path.into() });
+            };
+            file.set_len(size).map_err(|source| FileBackendError::Size {
+                path: path.into(),
+                size,
+                source,
+            })?;
+            log::info!("created region file {} of {size} bytes", path.display());
+        } else if let Some(size) = size.filter(|&s| s != len) {
+            log::info!(
+                "region file {} already exists with {len} bytes; using that, not --size {size}",
+                path.display()
+            );
+        }
+    }
+    let map = memmap2::MmapOptions::new()
+        .map_raw(&file)
+        .map_err(|source| FileBackendError::Map { path: path.into(), source })?;
+    Ok(Region::attach(Arc::new(map), &path.display().to_string(), req)?)
+}
+
+/// Maps the region file at `path` read-only, for `status` (no write permission needed).
+pub fn open_read_only(path: &Path) -> Result<Region, FileBackendError> {
+    let file =
+        File::open(path).map_err(|source| FileBackendError::Open { path: path.into(), source })?;
+    let len = file
+        .metadata()
+        .map_err(|source| FileBackendError::Open { path: path.into(), source })?
+        .len();
+    if len == 0 {
+        return Err(FileBackendError::Empty { path: path.into() });
+    }
+    let map = memmap2::MmapOptions::new()
+        .map_raw_read_only(&file)
+        .map_err(|source| FileBackendError::Map { path: path.into(), source })?;
+    Ok(Region::open_read_only(Arc::new(ReadOnlyMapping(map)), &path.display().to_string())?)
+}

@@ -1,0 +1,15 @@
+//! ivnet: an Ethernet segment between virtual machines and processes on one host, carried in
+//! shared memory (QEMU's ivshmem device, or a plain shared file).
+//!
+//! The pieces follow `DESIGN.md`: [`region`] is the only code that touches shared memory;
+//! [`backend`] maps it; [`agent`] moves frames between a TAP and the rings; [`status`] reads a
+//! region from outside.
+#![deny(unsafe_code)]
+
+pub mod agent;
+pub mod backend;
+pub mod config;
+pub mod mac;
+pub mod region;
+pub mod status;
+pub mod sys;

@@ -1,0 +1,99 @@
+//! The `ivnet` command line: parse, load the configuration, call the library, map errors to an
+//! exit code. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use ivnet::backend;
+use ivnet::config::{AgentArgs, AgentConfig, BackendChoice};
+use ivnet::status::Status;
+
+/// An Ethernet segment between VMs and processes on one host, carried in shared memory.
+///
+/// Every member maps one shared region (QEMU's ivshmem device in a VM, or a shared file on the
+/// host); `ivnet agent` gives it a TAP interface (`tap-shm`) that behaves like a NIC on a LAN.
+#[derive(Parser)]
+#[command(name = "ivnet", version, propagate_version = true)]
+struct Cli {
+    /// More logging (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a segment with a TAP interface and move frames until SIGINT/SIGTERM (needs root or
+    /// CAP_NET_ADMIN).
+    ///
+    /// Example: ivnet agent --shm /dev/shm/ivnet --size 64M --address 10.0.0.1/24
+    Agent(AgentArgs),
+    /// Show a region's header, peers (state, MAC, incarnation, heartbeat age), ring fill and
+    /// counters. Needs only read access to the region file.
+    Status {
+        /// Region file.
+        #[arg(long, value_name = "PATH")]
+        shm: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => {
+            let cfg = AgentConfig::from_args(&args)?;
+            let region = match &cfg.backend {
+                BackendChoice::File { path, size } => {
+                    backend::file::attach(path, *size, &cfg.geometry)?
+                }
+            };
+            ivnet::agent::run(region, &cfg, None, None)?;
+            Ok(())
+        }
+        Command::Status { shm, json } => {
+            let region = backend::file::open_read_only(&shm)?;
+            let status = Status::read(&region);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).context("encoding JSON")?);
+            } else {
+                print!("{}", status.to_text());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ivnet: error: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The shared region: the only code that touches shared memory.
+//!
+//! A backend maps memory (a file, a PCI BAR, a descriptor from the doorbell server) and hands it
+//! over as a [`SharedMemory`]; this module gives out safe, typed, bounds-checked views of the
+//! header, the peer table and the rings. Raw pointer work is confined to [`raw`].
+
+pub mod layout;
+pub mod raw;
+pub mod ring;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use layout::{Geometry, GeometryError, Layout, PeerKind, PeerState};
+pub use raw::{HeapMemory, RawRegion, SharedMemory};
+
+use layout::{hdr, init, peer, MAGIC, VERSION};
+
+/// Why a region cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The memory holds something that is not an ivnet region.
+    #[error(
+        "{name}: foreign magic {found:#018x} (expected {MAGIC:#018x}, \"IVNETSEG\"): this memory \
+         holds something else; point ivnet at another file or clear this one"
+    )]
+    ForeignMagic {
+        /// Region name (path or device).
+        name: String,
+        /// The magic found.
+        found: u64,
+    },
+    /// Written by an incompatible ivnet.
+    #[error("{name}: layout version {found}, this ivnet understands version {expected}")]
+    VersionMismatch {
+        /// Region name.
+        name: String,
+        /// Version in the header.
+        found: u32,
+        /// Version of this build.
+        expected: u32,
+    },
+    /// The header requires features this build lacks.
+    #[error("{name}: the region requires features {found:#x} that this ivnet does not support (it knows {known:#x})")]
+    UnsupportedFeatures {
+        /// Region name.
+        name: String,
+        /// Required features.
+        found: u32,
+        /// Features this build knows.
+        known: u32,
+    },
+    /// The header's geometry differs from what the caller asked for.
+    #[error(
+        "{name}: geometry mismatch: the region has {field} {found}, this peer expects {expected} \
+         (drop the flag to adopt the region's value, or recreate the region)"
+    )]
+    GeometryMismatch {
+        /// Region name.
+        name: String,
+        /// Which value differs.
+        field: &'static str,
+        /// Value in the header.
+        found: u32,
+        /// Value asked for.
+        expected: u32,
+    },
+    /// The requested or stored geometry is invalid or does not fit.
+    #[error("{name}: {source}")]
+    Geometry {
+        /// Region name.
+        name: String,
+        /// What is wrong.
+        #[source]
+        source: GeometryError,
+    },
+    /// The header contradicts itself.
+    #[error("{name}: corrupt header: {what}; recreate the region")]
+    CorruptHeader {
+        /// Region name.
+        name: String,
+        /// What is inconsistent.
+        what: String,
+    },
+    /// Another process began initialising and never finished.
+    #[error("{name}: initialisation by another process did not finish within {0:?}", .timeout)]
+    InitStalled {
+        /// Region name.
+        name: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// A read-only view cannot initialise a blank region.
+    #[error("{name}: the region is blank (no ivnet member has initialised it yet)")]
+    Blank {
+        /// Region name.
+        name: String,
+    },
+}
+
+/// Geometry values a member asks for; `None` adopts the region's value (or the default, for a
+/// blank region).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GeometryRequest {
+    /// Peer slots.
+    pub max_peers: Option<u32>,
+    /// Segments per ring.
+    pub ring_slots: Option<u32>,
+    /// Bytes per segment.
+    pub slot_size: Option<u32>,
+    /// Segment MTU.
+    pub mtu: Option<u32>,
+}
+
+impl GeometryRequest {
+    /// The geometry to lay out a blank region of `size` bytes with.
+    pub fn resolve(&self, size: u64) -> Result<Geometry, GeometryError> {
+        let max_peers = self.max_peers.unwrap_or(Geometry::DEFAULT_MAX_PEERS);
+        let slot_size = self.slot_size.unwrap_or(Geometry::DEFAULT_SLOT_SIZE);
+        let mtu = self.mtu.unwrap_or(Geometry::DEFAULT_MTU);
+        let ring_slots = match self.ring_slots {
+            Some(s) => s,
+            // Pick the largest ring that fits; if none does, report the smallest usable one.
+            None => Geometry::fit_slots(max_peers, slot_size, mtu, size).unwrap_or_else(|| {
+                let probe = Geometry { max_peers, ring_slots: 8, slot_size, mtu };
+                (2 * probe.max_segments_per_frame()).next_power_of_two().max(8)
+            }),
+        };
+        let g = Geometry { max_peers, ring_slots, slot_size, mtu };
+        g.layout_in(size)?;
+        Ok(g)
+    }
+}
+
+/// How long to wait for another process's initialisation before taking it over.
+const INIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A region with a validated layout. Cheap to clone.
+#[derive(Clone)]
+pub struct Region {
+    raw: RawRegion,
+    layout: Layout,
+    name: Arc<str>,
+}
+
+impl Region {
+    /// Joins the region in `mem`, initialising it first if it is blank. Safe when several
+    /// processes do this at once: one initialises, the others wait for it (DESIGN rule 5).
+    pub fn attach(
+        mem: Arc<dyn SharedMemory>,
+        name: &str,
+        req: &GeometryRequest,
+    ) -> Result<Region, RegionError> {
+        let raw = RawRegion::new(mem);
+        let mut waiting_since: Option<(u64, Instant)> = None;
+        loop {
+            check_magic(&raw, name)?;
+            // Acquire: pairs with the release store of READY in `initialise`; the header fields
+            // written before it are visible after this load.
+            let word = raw.u64_at(hdr::INIT).load(Ordering::Acquire);
+            match word as u32 {
+                init::READY => return Self::validate(raw, name, req),
+                init::BLANK => {
+                    let mine = init::INITIALISING as u64 | (nonce() << 32);
+                    if raw
+                        .u64_at(hdr::INIT)
+                        .compare_exchange(word, mine, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        return Self::initialise(raw, name, req, mine);
+                    }
+                }
+                init::INITIALISING => match waiting_since {
+                    Some((w, since)) if w == word && since.elapsed() > INIT_TIMEOUT => {
+                        // The initialiser died half way. Take over with a fresh nonce; if the
+                        // original was only slow it writes the same values.
+                        log::warn!("{name}: initialisation stalled, taking it over");
+                        let mine = init::INITIALISING as u64 | (nonce() << 32);
+                        if raw
+                            .u64_at(hdr::INIT)
+                            .compare_exchange(word, mine, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                        {
+                            return Self::initialise(raw, name, req, mine);
+                        }
+                    }
+                    Some((w, _)) if w == word => {}
+                    _ => waiting_since = Some((word, Instant::now())),
+                },
+                other => {
+                    return Err(RegionError::CorruptHeader {
+                        name: name.into(),
+                        what: format!("init state {other}"),
+                    })
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Opens an initialised region for reading only (for `status`): never writes.
+    pub fn open_read_only(mem: Arc<dyn SharedMemory>, name: &str) -> Result<Region, RegionError> {
+        let raw = RawRegion::new(mem);
+        check_magic(&raw, name)?;
+        let word = raw.u64_at(hdr::INIT).load(Ordering::Acquire);
+        match word as u32 {
+            init::READY => Self::validate(raw, name, &GeometryRequest::default()),
+            init::BLANK => Err(RegionError::Blank { name: name.into() }),
+            _ => Err(RegionError::InitStalled { name: name.into(), timeout: Duration::ZERO }),
+        }
+    }
+
+    fn initialise(
+        raw: RawRegion,
+        name: &str,
+        req: &GeometryRequest,
+        mine: u64,
+    ) -> Result<Region, RegionError> {
+        let size = raw.len() as u64;
+        let geometry = match req.resolve(size) {
+            Ok(g) => g,
+            Err(source) => {
+                // Give the region back so that a peer with a fitting geometry can initialise it.
+                let _ = raw.u64_at(hdr::INIT).compare_exchange(
+                    mine,
+                    init::BLANK as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                return Err(RegionError::Geometry { name: name.into(), source });
+            }
+        };
+        let layout = geometry.layout_in(size).expect("checked by resolve");
+        let set32 = |o: usize, v: u32| raw.u32_at(o).store(v, Ordering::Relaxed);
+        let set64 = |o: usize, v: u64| raw.u64_at(o).store(v, Ordering::Relaxed);
+        set32(hdr::VERSION, VERSION);
+        set32(hdr::HEADER_SIZE, layout::HEADER_SIZE as u32);
+        set32(hdr::INCOMPAT_FEATURES, 0);
+        set32(hdr::COMPAT_FEATURES, 0);
+        set64(hdr::REGION_SIZE, size);
+        set32(hdr::MAX_PEERS, geometry.max_peers);
+        set32(hdr::RING_SLOTS, geometry.ring_slots);
+        set32(hdr::SLOT_SIZE, geometry.slot_size);
+        set32(hdr::MTU, geometry.mtu);
+        set64(hdr::PEER_TABLE, layout.peer_table as u64);
+        set32(hdr::PEER_ENTRY, layout::PEER_ENTRY_SIZE as u32);
+        set64(hdr::RINGS, layout.rings as u64);
+        set64(hdr::RING_STRIDE, layout.ring_stride as u64);
+        let generation = raw.u64_at(hdr::GENERATION).load(Ordering::Relaxed);
+        set64(hdr::GENERATION, generation.wrapping_add(1));
+        // Peer table and ring control/descriptors start from zero; data needs no clearing.
+        raw.zero(layout.peer_table, layout.rings - layout.peer_table).expect("inside layout");
+        let region = Region { raw, layout, name: name.into() };
+        for s in 0..geometry.max_peers {
+            for d in (0..geometry.max_peers).filter(|&d| d != s) {
+                region.raw.zero(layout.ring(s, d), layout.ring_data).expect("inside layout");
+            }
+        }
+        region.raw.u64_at(hdr::MAGIC).store(MAGIC, Ordering::Relaxed);
+        // Release: publishes the header written above; pairs with the acquire in `attach`.
+        region
+            .raw
+            .u64_at(hdr::INIT)
+            .store(init::READY as u64 | (mine & 0xffff_ffff_0000_0000), Ordering::Release);
+        log::info!(
+            "{name}: initialised region: {} bytes, {} peers, {} segments of {} bytes per ring, MTU {}",
+            size,
+            geometry.max_peers,
+            geometry.ring_slots,
+            geometry.slot_size,
+            geometry.mtu
+        );
+        Ok(region)
+    }
+
+    fn validate(raw: RawRegion, name: &str, req: &GeometryRequest) -> Result<Region, RegionError> {
+        let get32 = |o: usize| raw.u32_at(o).load(Ordering::Relaxed);
+        let get64 = |o: usize| raw.u64_at(o).load(Ordering::Relaxed);
+        let corrupt = |what: String| RegionError::CorruptHeader { name: name.into(), what };
+        let version = get32(hdr::VERSION);
+        if version != VERSION {
+            return Err(RegionError::VersionMismatch {
+                name: name.into(),
+                found: version,
+                expected: VERSION,
+            });
+        }
+        if get32(hdr::HEADER_SIZE) as usize != layout::HEADER_SIZE {
+            return Err(corrupt(format!("header size {}", get32(hdr::HEADER_SIZE))));
+        }
+        let incompat = get32(hdr::INCOMPAT_FEATURES);
+        if incompat & !layout::KNOWN_INCOMPAT != 0 {
+            return Err(RegionError::UnsupportedFeatures {
+                name: name.into(),
+                found: incompat,
+                known: layout::KNOWN_INCOMPAT,
+            });
+        }
+        let geometry = Geometry {
+            max_peers: get32(hdr::MAX_PEERS),
+            ring_slots: get32(hdr::RING_SLOTS),
+            slot_size: get32(hdr::SLOT_SIZE),
+            mtu: get32(hdr::MTU),
+        };
+        let wanted = [
+            ("max peers", geometry.max_peers, req.max_peers),
+            ("ring slots", geometry.ring_slots, req.ring_slots),
+            ("slot size", geometry.slot_size, req.slot_size),
+            ("segment MTU", geometry.mtu, req.mtu),
+        ];
+        for (field, found, expected) in wanted {
+            if let Some(expected) = expected.filter(|&e| e != found) {
+                return Err(RegionError::GeometryMismatch {
+                    name: name.into(),
+                    field,
+                    found,
+                    expected,
+                });
+            }
+        }
+        let stored_size = get64(hdr::REGION_SIZE);
+        let layout = geometry
+            .layout_in(stored_size.min(raw.len() as u64))
+            .map_err(|source| RegionError::Geometry { name: name.into(), source })?;
+        let offsets = [
+            ("peer table offset", get64(hdr::PEER_TABLE), layout.peer_table as u64),
+            ("peer entry size", get32(hdr::PEER_ENTRY) as u64, layout::PEER_ENTRY_SIZE as u64),
+            ("rings offset", get64(hdr::RINGS), layout.rings as u64),
+            ("ring stride", get64(hdr::RING_STRIDE), layout.ring_stride as u64),
+        ];
+        for (what, found, expected) in offsets {
+            if found != expected {
+                return Err(corrupt(format!("{what} is {found}, the geometry implies {expected}")));
+            }
+        }
+        Ok(Region { raw, layout, name: name.into() })
+    }
+
+    /// The raw view (for the ring module and the backends' fd-level I/O).
+    pub fn raw(&self) -> &RawRegion {
+        &self.raw
+    }
+
+    /// The validated layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.layout.geometry
+    }
+
+    /// The name given at attach time (path or device).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many times the region has been initialised.
+    pub fn generation(&self) -> u64 {
+        self.raw.u64_at(hdr::GENERATION).load(Ordering::Relaxed)
+    }
+
+    /// The region size recorded in the header.
+    pub fn size(&self) -> u64 {
+        self.raw.u64_at(hdr::REGION_SIZE).load(Ordering::Relaxed)
+    }
+
+    /// Features in the header: (incompatible, compatible).
+    pub fn features(&self) -> (u32, u32) {
+        (
+            self.raw.u32_at(hdr::INCOMPAT_FEATURES).load(Ordering::Relaxed),
+            self.raw.u32_at(hdr::COMPAT_FEATURES).load(Ordering::Relaxed),
+        )
+    }
+
+    /// The peer-table entry of `id` (`id < max_peers`).
+    pub fn peer(&self, id: u32) -> PeerSlot<'_> {
+        PeerSlot { raw: &self.raw, base: self.layout.peer(id) }
+    }
+}
+
+fn check_magic(raw: &RawRegion, name: &str) -> Result<(), RegionError> {
+    if raw.len() < layout::HEADER_SIZE {
+        return Err(RegionError::Geometry {
+            name: name.into(),
+            source: GeometryError::TooSmall {
+                size: raw.len() as u64,
+                needed: layout::HEADER_SIZE as u64,
+                max_peers: 0,
+                slots: 0,
+                slot_size: 0,
+            },
+        });
+    }
+    let magic = raw.u64_at(hdr::MAGIC).load(Ordering::Relaxed);
+    if magic != 0 && magic != MAGIC {
+        return Err(RegionError::ForeignMagic { name: name.into(), found: magic });
+    }
+    Ok(())
+}
+
+/// A 32-bit value that differs between processes and attempts (for the init word).
+fn nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())
+        .unwrap_or(0);
+    let n = (t ^ ((std::process::id() as u64) << 16)) & 0xffff_ffff;
+    n.max(1)
+}
+
+/// A peer-table entry. Fields are single-writer (the owner) except the incarnation, which
+/// claimers change by compare-and-swap.
+#[derive(Clone, Copy)]
+pub struct PeerSlot<'r> {
+    raw: &'r RawRegion,
+    base: usize,
+}
+
+/// Everything `status` shows of one peer entry, read at one moment.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PeerSnapshot {
+    /// Slot state.
+    pub state: PeerState,
+    /// Member kind.
+    pub kind: PeerKind,
+    /// Incarnation counter.
+    pub incarnation: u64,
+    /// Owner's process id (in its own namespace or VM).
+    pub pid: u32,
+    /// Heartbeat counter.
+    pub heartbeat: u64,
+    /// Wall-clock ms of the last heartbeat.
+    pub heartbeat_ms: u64,
+    /// MAC address.
+    #[serde(serialize_with = "crate::mac::serialize")]
+    pub mac: [u8; 6],
+    /// MTU.
+    pub mtu: u32,
+    /// Features.
+    pub features: u32,
+}
+
+impl<'r> PeerSlot<'r> {
+    fn u32f(&self, f: usize) -> &'r std::sync::atomic::AtomicU32 {
+        self.raw.u32_at(self.base + f)
+    }
+    fn u64f(&self, f: usize) -> &'r std::sync::atomic::AtomicU64 {
+        self.raw.u64_at(self.base + f)
+    }
+
+    /// Current incarnation.
+    pub fn incarnation(&self) -> u64 {
+        // Acquire: pairs with the AcqRel claim, so a new owner's later writes are ordered after.
+        self.u64f(peer::INCARNATION).load(Ordering::Acquire)
+    }
+
+    /// Tries to claim the slot: bumps the incarnation from `seen` to `seen + 1`. Exactly one of
+    /// several concurrent claimers that saw the same value wins.
+    pub fn try_claim(&self, seen: u64) -> Option<u64> {
+        let next = seen.wrapping_add(1).max(1);
+        self.u64f(peer::INCARNATION)
+            .compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| next)
+    }
+
+    /// Slot state.
+    pub fn state(&self) -> PeerState {
+        PeerState::from_raw(self.u32f(peer::STATE).load(Ordering::Acquire))
+    }
+
+    /// Sets the slot state (owner only). Release: everything the owner wrote before (its MAC,
+    /// ring resets) is visible to whoever sees the new state.
+    pub fn set_state(&self, s: PeerState) {
+        self.u32f(peer::STATE).store(s.to_raw(), Ordering::Release);
+    }
+
+    /// Heartbeat counter.
+    pub fn heartbeat(&self) -> u64 {
+        self.u64f(peer::HEARTBEAT).load(Ordering::Relaxed)
+    }
+
+    /// Bumps the heartbeat (owner only).
+    pub fn beat(&self, now_ms: u64) {
+        let hb = self.u64f(peer::HEARTBEAT);
+        hb.store(hb.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        self.u64f(peer::HEARTBEAT_MS).store(now_ms, Ordering::Relaxed);
+    }
+
+    /// MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        let v = self.u64f(peer::MAC).load(Ordering::Relaxed).to_le_bytes();
+        [v[0], v[1], v[2], v[3], v[4], v[5]]
+    }
+
+    /// Writes the owner's identity (owner only, before it goes up).
+    pub fn set_info(&self, mac: [u8; 6], mtu: u32, features: u32, kind: PeerKind, pid: u32) {
+        let mut m = [0u8; 8];
+        m[..6].copy_from_slice(&mac);
+        self.u64f(peer::MAC).store(u64::from_le_bytes(m), Ordering::Relaxed);
+        self.u32f(peer::MTU).store(mtu, Ordering::Relaxed);
+        self.u32f(peer::FEATURES).store(features, Ordering::Relaxed);
+        self.u32f(peer::KIND).store(kind as u32, Ordering::Relaxed);
+        self.u32f(peer::PID).store(pid, Ordering::Relaxed);
+        for i in 0..layout::PEER_COUNTERS {
+            self.u64f(peer::COUNTERS + i * 8).store(0, Ordering::Relaxed);
+        }
+        for i in 0..layout::DOORBELL_COUNTERS {
+            self.u64f(peer::DOORBELL_COUNTERS + i * 8).store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Stores all counters, indexed by [`layout::PeerCounter`] (owner only).
+    pub fn store_counters(&self, values: &[u64; layout::PEER_COUNTERS]) {
+        for (i, &v) in values.iter().enumerate() {
+            self.u64f(peer::COUNTERS + i * 8).store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads a counter.
+    pub fn counter(&self, c: layout::PeerCounter) -> u64 {
+        self.u64f(peer::COUNTERS + c as usize * 8).load(Ordering::Relaxed)
+    }
+
+    /// Stores all doorbell counters, indexed by [`layout::DoorbellCounter`] (owner only).
+    pub fn store_doorbell_counters(&self, values: &[u64; layout::DOORBELL_COUNTERS]) {
+        for (i, &v) in values.iter().enumerate() {
+            self.u64f(peer::DOORBELL_COUNTERS + i * 8).store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads a doorbell counter.
+    pub fn doorbell_counter(&self, c: layout::DoorbellCounter) -> u64 {
+        self.u64f(peer::DOORBELL_COUNTERS + c as usize * 8).load(Ordering::Relaxed)
+    }
+
+    /// Reads the whole entry.
+    pub fn snapshot(&self) -> PeerSnapshot {
+        PeerSnapshot {
+            state: self.state(),
+            kind: PeerKind::from_raw(self.u32f(peer::KIND).load(Ordering::Relaxed)),
+            incarnation: self.incarnation(),
+            pid: self.u32f(peer::PID).load(Ordering::Relaxed),
+            heartbeat: self.heartbeat(),
+            heartbeat_ms: self.u64f(peer::HEARTBEAT_MS).load(Ordering::Relaxed),
+            mac: self.mac(),
+            mtu: self.u32f(peer::MTU).load(Ordering::Relaxed),
+            features: self.u32f(peer::FEATURES).load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heap(size: usize) -> Arc<dyn SharedMemory> {
+        Arc::new(HeapMemory::new(size))
+    }
+
+    #[test]
+    fn test_attach_blank_initialises_and_second_attach_validates() {
+        let mem = heap(32 << 20);
+        let a = Region::attach(mem.clone(), "t", &GeometryRequest::default()).unwrap();
+        assert_eq!(a.geometry().max_peers, 8);
+        assert_eq!(a.generation(), 1);
+        let b = Region::attach(mem, "t", &GeometryRequest::default()).unwrap();
+        assert_eq!(a.geometry(), b.geometry());
+        assert_eq!(b.generation(), 1);
+    }
+
+    #[test]
+    fn test_concurrent_attach_initialises_once() {
+        let mem = heap(32 << 20);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let m = mem.clone();
+                std::thread::spawn(move || {
+                    Region::attach(m, "t", &GeometryRequest::default()).map(|r| r.geometry())
+                })
+            })
+            .collect();
+        let geoms: Vec<_> = handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+        assert!(geoms.windows(2).all(|w| w[0] == w[1]));
+        let r = Region::attach(mem, "t", &GeometryRequest::default()).unwrap();
+        assert_eq!(r.generation(), 1);
+    }
+
+    #[test]
+    fn test_foreign_magic_is_refused_with_both_values() {
+        let mem = heap(1 << 20);
+        RawRegion::new(mem.clone()).copy_in(0, b"NOTOURS!").unwrap();
+        let e = Region::attach(mem, "f", &GeometryRequest::default()).err().unwrap();
+        let msg = e.to_string();
+        assert!(matches!(e, RegionError::ForeignMagic { .. }), "{msg}");
+        assert!(msg.contains("0x21535255") && msg.contains("IVNETSEG"), "{msg}");
+    }
+
+    #[test]
+    fn test_geometry_mismatch_names_both_values() {
+        let mem = heap(32 << 20);
+        Region::attach(mem.clone(), "g", &GeometryRequest::default()).unwrap();
+        let req = GeometryRequest { max_peers: Some(4), ..Default::default() };
+        let e = Region::attach(mem, "g", &req).err().unwrap();
+        assert!(e.to_string().contains("max peers 8, this peer expects 4"), "{e}");
+    }
+
+    #[test]
+    fn test_version_mismatch_is_refused() {
+        let mem = heap(32 << 20);
+        let r = Region::attach(mem.clone(), "v", &GeometryRequest::default()).unwrap();
+        r.raw().u32_at(hdr::VERSION).store(7, Ordering::Relaxed);
+        let e = Region::attach(mem, "v", &GeometryRequest::default()).err().unwrap();
+        assert!(e.to_string().contains("version 7, this ivnet understands version 1"), "{e}");
+    }
+
+    #[test]
+    fn test_too_small_blank_region_is_refused_and_left_blank() {
+        let mem = heap(64 << 10);
+        let e = Region::attach(mem.clone(), "s", &GeometryRequest::default()).err().unwrap();
+        assert!(e.to_string().contains("use a larger --size"), "{e}");
+        let word = RawRegion::new(mem).u64_at(hdr::INIT).load(Ordering::Relaxed);
+        assert_eq!(word as u32, init::BLANK);
+    }
+
+    #[test]
+    fn test_corrupt_offsets_are_refused() {
+        let mem = heap(32 << 20);
+        let r = Region::attach(mem.clone(), "c", &GeometryRequest::default()).unwrap();
+        r.raw().u64_at(hdr::RINGS).store(1 << 40, Ordering::Relaxed);
+        let e = Region::attach(mem, "c", &GeometryRequest::default()).err().unwrap();
+        assert!(matches!(e, RegionError::CorruptHeader { .. }), "{e}");
+    }
+
+    #[test]
+    fn test_claim_is_exclusive() {
+        let r = Region::attach(heap(32 << 20), "p", &GeometryRequest::default()).unwrap();
+        let slot = r.peer(3);
+        let seen = slot.incarnation();
+        assert_eq!(slot.try_claim(seen), Some(seen + 1));
+        assert_eq!(slot.try_claim(seen), None);
+    }
+}

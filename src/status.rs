@@ -1,0 +1,262 @@
+//! `ivnet status`: the header, every peer and every ring of a region, read from outside (no
+//! TAP, no root; a readable file suffices). Reads only: it never writes to the region.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::region::layout::{DoorbellCounter, PeerCounter};
+use crate::region::ring::RingSnapshot;
+use crate::region::{Geometry, PeerSnapshot, PeerState, Region};
+
+/// One peer as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct PeerStatus {
+    /// Peer id.
+    pub id: u32,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: PeerSnapshot,
+    /// Age of the last heartbeat by the wall clock, in ms (approximate across VMs).
+    pub heartbeat_age_ms: Option<u64>,
+    /// The owner's counters.
+    pub counters: PeerCounters,
+    /// The owner's doorbell counters.
+    pub doorbells: DoorbellCounters,
+}
+
+/// Counters of a peer's local interface and switch.
+#[derive(Debug, Serialize)]
+pub struct PeerCounters {
+    /// Frames read from the local interface.
+    pub local_rx_frames: u64,
+    /// Bytes read from the local interface.
+    pub local_rx_bytes: u64,
+    /// Frames written to the local interface.
+    pub local_tx_frames: u64,
+    /// Bytes written to the local interface.
+    pub local_tx_bytes: u64,
+    /// Frames flooded.
+    pub flooded: u64,
+    /// Dropped: no peer up.
+    pub drop_no_peer: u64,
+    /// Dropped: destination behind the member itself.
+    pub drop_to_self: u64,
+    /// Dropped: larger than the MTU.
+    pub drop_oversize: u64,
+    /// Dropped: shorter than an Ethernet header.
+    pub drop_runt: u64,
+    /// Local interface errors.
+    pub local_io_errors: u64,
+}
+
+/// Doorbell counters of a peer.
+#[derive(Debug, Serialize)]
+pub struct DoorbellCounters {
+    /// Doorbells rung.
+    pub rung: u64,
+    /// Publishes that needed no doorbell.
+    pub suppressed: u64,
+    /// Wake-ups by a doorbell.
+    pub wakeups: u64,
+    /// Busy-poll rounds that found work.
+    pub spins_with_work: u64,
+}
+
+/// One ring as `status` reports it.
+#[derive(Debug, Serialize)]
+pub struct RingStatus {
+    /// Producer.
+    pub src: u32,
+    /// Consumer.
+    pub dst: u32,
+    /// Control part and counters.
+    #[serde(flatten)]
+    pub ring: RingSnapshot,
+}
+
+/// Everything `status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Region name (path).
+    pub region: String,
+    /// Layout version.
+    pub version: u32,
+    /// Region size in bytes.
+    pub size: u64,
+    /// Initialisations so far.
+    pub generation: u64,
+    /// Required features.
+    pub incompat_features: u32,
+    /// Optional features.
+    pub compat_features: u32,
+    /// Geometry.
+    pub geometry: Geometry,
+    /// Peers that are or were members (never-used slots are left out).
+    pub peers: Vec<PeerStatus>,
+    /// Rings between members that are or were present, with any traffic or fill.
+    pub rings: Vec<RingStatus>,
+}
+
+impl Status {
+    /// Reads the region.
+    pub fn read(region: &Region) -> Status {
+        let g = region.geometry();
+        let now_ms = crate::sys::wall_ms();
+        let peers: Vec<PeerStatus> = (0..g.max_peers)
+            .filter_map(|id| {
+                let slot = region.peer(id);
+                let entry = slot.snapshot();
+                if entry.state == PeerState::Free && entry.incarnation == 0 {
+                    return None;
+                }
+                let c = |k: PeerCounter| slot.counter(k);
+                let d = |k: DoorbellCounter| slot.doorbell_counter(k);
+                Some(PeerStatus {
+                    id,
+                    heartbeat_age_ms: (entry.heartbeat_ms != 0)
+                        .then(|| now_ms.saturating_sub(entry.heartbeat_ms)),
+                    entry,
+                    counters: PeerCounters {
+                        local_rx_frames: c(PeerCounter::LocalRxFrames),
+                        local_rx_bytes: c(PeerCounter::LocalRxBytes),
+                        local_tx_frames: c(PeerCounter::LocalTxFrames),
+                        local_tx_bytes: c(PeerCounter::LocalTxBytes),
+                        flooded: c(PeerCounter::Flooded),
+                        drop_no_peer: c(PeerCounter::DropNoPeer),
+                        drop_to_self: c(PeerCounter::DropToSelf),
+                        drop_oversize: c(PeerCounter::DropOversize),
+                        drop_runt: c(PeerCounter::DropRunt),
+                        local_io_errors: c(PeerCounter::LocalIoErrors),
+                    },
+                    doorbells: DoorbellCounters {
+                        rung: d(DoorbellCounter::Rung),
+                        suppressed: d(DoorbellCounter::Suppressed),
+                        wakeups: d(DoorbellCounter::Wakeups),
+                        spins_with_work: d(DoorbellCounter::SpinsWithWork),
+                    },
+                })
+            })
+            .collect();
+        let ids: Vec<u32> = peers.iter().map(|p| p.id).collect();
+        let mut rings = Vec::new();
+        for &src in &ids {
+            for &dst in ids.iter().filter(|&&d| d != src) {
+                rings.push(RingStatus { src, dst, ring: RingSnapshot::read(region, src, dst) });
+            }
+        }
+        let (incompat_features, compat_features) = region.features();
+        Status {
+            region: region.name().to_string(),
+            version: crate::region::layout::VERSION,
+            size: region.size(),
+            generation: region.generation(),
+            incompat_features,
+            compat_features,
+            geometry: g,
+            peers,
+            rings,
+        }
+    }
+
+    /// Human-readable form.
+    pub fn to_text(&self) -> String {
+        let g = &self.geometry;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "region {}: layout v{}, {} bytes, generation {}, features {:#x}/{:#x}",
+            self.region,
+            self.version,
+            self.size,
+            self.generation,
+            self.incompat_features,
+            self.compat_features
+        );
+        let _ = writeln!(
+            s,
+            "geometry: {} peer slots, {} segments of {} bytes per ring, segment MTU {}",
+            g.max_peers, g.ring_slots, g.slot_size, g.mtu
+        );
+        if self.peers.is_empty() {
+            let _ = writeln!(s, "no peers have joined");
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "\n{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6}  {:>10} {:>10} {:>8}",
+            "peer",
+            "state",
+            "kind",
+            "MAC",
+            "incarnation",
+            "pid",
+            "hb age",
+            "mtu",
+            "tap rx",
+            "tap tx",
+            "drops"
+        );
+        for p in &self.peers {
+            let e = &p.entry;
+            let age = match p.heartbeat_age_ms {
+                Some(ms) if ms < 10_000 => format!("{:.2}s", ms as f64 / 1000.0),
+                Some(ms) => format!("{}s", ms / 1000),
+                None => "-".into(),
+            };
+            let c = &p.counters;
+            let drops = c.drop_no_peer + c.drop_to_self + c.drop_oversize + c.drop_runt;
+            let _ = writeln!(
+                s,
+                "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6}  {:>10} {:>10} {:>8}",
+                p.id,
+                format!("{:?}", e.state).to_lowercase(),
+                format!("{:?}", e.kind).to_lowercase(),
+                crate::mac::Mac(e.mac).to_string(),
+                e.incarnation,
+                e.pid,
+                age,
+                e.mtu,
+                c.local_rx_frames,
+                c.local_tx_frames,
+                drops
+            );
+            let d = &p.doorbells;
+            if d.rung + d.suppressed + d.wakeups + d.spins_with_work > 0 {
+                let _ = writeln!(
+                    s,
+                    "      doorbells: rung {} suppressed {} wake-ups {} spins with work {}",
+                    d.rung, d.suppressed, d.wakeups, d.spins_with_work
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  drops (full/down/stale/corrupt/deliver)",
+            "ring", "fill", "tx frames", "tx bytes", "rx frames", "rx bytes"
+        );
+        for r in &self.rings {
+            let x = &r.ring;
+            let fill = match x.fill {
+                Some(f) => format!("{}/{}", f, x.slots),
+                None => "corrupt".into(),
+            };
+            let _ = writeln!(
+                s,
+                "{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  {}/{}/{}/{}/{}",
+                format!("{}->{}", r.src, r.dst),
+                fill,
+                x.tx_frames,
+                x.tx_bytes,
+                x.rx_frames,
+                x.rx_bytes,
+                x.tx_drop_full,
+                x.tx_drop_down,
+                x.rx_drop_stale,
+                x.rx_corrupt,
+                x.rx_drop_deliver
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,329 @@
+//! Thin, checked wrappers over the Linux system calls ivnet needs beyond std: interface
+//! configuration ioctls, timerfd, eventfd and signalfd. Each call's result is checked and turned
+//! into an `io::Error`; nothing here keeps state.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::mem;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `struct ifreq` with the union as raw bytes (24 on 64-bit Linux).
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(ifname: &str) -> io::Result<Self> {
+        if ifname.is_empty() || ifname.len() > IFNAME_MAX {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+        }
+        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        for (d, s) in r.name.iter_mut().zip(ifname.bytes()) {
+            *d = s as libc::c_char;
+        }
+        Ok(r)
+    }
+}
+
+/// A datagram socket used only as a handle for interface ioctls.
+fn ctl_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the returned descriptor is checked and then owned.
+    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq_ioctl(fd: RawFd, req: libc::c_ulong, r: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `r` is a properly sized, initialised `struct ifreq` that lives across the call;
+    // the requests used with it read or write only that struct.
+    cvt(unsafe { libc::ioctl(fd, req as _, r as *mut IfReq) }).map(|_| ())
+}
+
+/// Sets the MTU of interface `ifname`.
+pub fn set_mtu(ifname: &str, mtu: u32) -> io::Result<()> {
+    let s = ctl_socket(libc::AF_INET)?;
+    let mut r = IfReq::new(ifname)?;
+    r.data[..4].copy_from_slice(&(mtu as libc::c_int).to_ne_bytes());
+    ifreq_ioctl(s.as_raw_fd(), libc::SIOCSIFMTU, &mut r)
+}
+
+/// Sets the Ethernet address of interface `ifname`.
+pub fn set_mac(ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+    let s = ctl_socket(libc::AF_INET)?;
+    let mut r = IfReq::new(ifname)?;
+    // struct sockaddr { sa_family_t (u16), sa_data[14] }
+    r.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+    r.data[2..8].copy_from_slice(&mac);
+    ifreq_ioctl(s.as_raw_fd(), libc::SIOCSIFHWADDR, &mut r)
+}
+
+/// Sets or clears IFF_UP on interface `ifname`.
+pub fn set_up(ifname: &str, up: bool) -> io::Result<()> {
+    let s = ctl_socket(libc::AF_INET)?;
+    let mut r = IfReq::new(ifname)?;
+    ifreq_ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut r)?;
+    let mut flags = i16::from_ne_bytes([r.data[0], r.data[1]]);
+    if up {
+        flags |= libc::IFF_UP as i16;
+    } else {
+        flags &= !(libc::IFF_UP as i16);
+    }
+    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ifreq_ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// The kernel's index of interface `ifname`.
+pub fn if_index(ifname: &str) -> io::Result<u32> {
+    let c = CString::new(ifname).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(idx)
+}
+
+/// Adds the address `addr/prefix` to interface `ifname` (IPv4 or IPv6).
+pub fn add_address(ifname: &str, addr: IpAddr, prefix: u8) -> io::Result<()> {
+    match addr {
+        IpAddr::V4(v4) => {
+            let s = ctl_socket(libc::AF_INET)?;
+            let sin = |a: [u8; 4]| {
+                // struct sockaddr_in { u16 family, u16 port, u32 addr, u8 zero[8] }
+                let mut d = [0u8; 24];
+                d[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+                d[4..8].copy_from_slice(&a);
+                d
+            };
+            let mut r = IfReq::new(ifname)?;
+            r.data = sin(v4.octets());
+            ifreq_ioctl(s.as_raw_fd(), libc::SIOCSIFADDR, &mut r)?;
+            let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix.min(32)) };
+            let mut r = IfReq::new(ifname)?;
+            r.data = sin(mask.to_be_bytes());
+            ifreq_ioctl(s.as_raw_fd(), libc::SIOCSIFNETMASK, &mut r)
+        }
+        IpAddr::V6(v6) => {
+            let s = ctl_socket(libc::AF_INET6)?;
+            let mut req = libc::in6_ifreq {
+                ifr6_addr: libc::in6_addr { s6_addr: v6.octets() },
+                ifr6_prefixlen: prefix as u32,
+                ifr6_ifindex: if_index(ifname)? as libc::c_int,
+            };
+            // SAFETY: `req` is an initialised `struct in6_ifreq`, which SIOCSIFADDR on an AF_INET6
+            // socket reads and nothing else.
+            cvt(unsafe {
+                libc::ioctl(s.as_raw_fd(), libc::SIOCSIFADDR as _, &mut req as *mut libc::in6_ifreq)
+            })
+            .map(|_| ())
+        }
+    }
+}
+
+/// A periodic timer as a file descriptor (sub-millisecond, unlike epoll's timeout).
+pub struct TimerFd(OwnedFd);
+
+impl TimerFd {
+    /// A non-blocking monotonic timer, disarmed.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain timerfd_create(2); the result is checked and then owned.
+        let fd = cvt(unsafe {
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(TimerFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Fires every `period` (first after one period); `None` disarms.
+    pub fn set_periodic(&self, period: Option<Duration>) -> io::Result<()> {
+        let ts = |d: Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        };
+        let p = period.unwrap_or(Duration::ZERO);
+        let spec = libc::itimerspec { it_interval: ts(p), it_value: ts(p) };
+        // SAFETY: `spec` is a valid itimerspec; a null old-value pointer is allowed.
+        cvt(unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })
+            .map(|_| ())
+    }
+
+    /// Consumes pending expirations; returns how many (0 if none).
+    pub fn drain(&self) -> u64 {
+        read_u64(self.0.as_raw_fd()).unwrap_or(0)
+    }
+}
+
+impl AsRawFd for TimerFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+fn read_u64(fd: RawFd) -> Option<u64> {
+    let mut v = 0u64;
+    // SAFETY: reads at most 8 bytes into `v`, which is 8 bytes long.
+    let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    (n == 8).then_some(v)
+}
+
+/// An eventfd (the doorbell primitive QEMU's ivshmem uses).
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A new non-blocking eventfd.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain eventfd(2); the result is checked and then owned.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Wraps a received descriptor, making it non-blocking.
+    pub fn from_owned(fd: OwnedFd) -> io::Result<Self> {
+        set_nonblocking(fd.as_raw_fd())?;
+        Ok(EventFd(fd))
+    }
+
+    /// Adds 1 to the counter (wakes a waiter).
+    pub fn signal(&self) -> io::Result<()> {
+        let v = 1u64;
+        // SAFETY: writes exactly 8 bytes from `v`.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), (&v as *const u64).cast(), 8) };
+        if n == 8 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Resets the counter; returns its value (0 if it was not signalled).
+    pub fn drain(&self) -> u64 {
+        read_u64(self.0.as_raw_fd()).unwrap_or(0)
+    }
+
+    /// The owned descriptor.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.0
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// flock(2) on `fd` with operation `op` (LOCK_EX, LOCK_UN, ...).
+pub fn flock(fd: RawFd, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: flock(2) on a descriptor the caller keeps open across the call; no pointers.
+    cvt(unsafe { libc::flock(fd, op) }).map(|_| ())
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; F_GETFL/F_SETFL take no pointers.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
+}
+
+/// SIGINT, SIGTERM and SIGHUP delivered as a readable descriptor instead of asynchronously.
+pub struct SignalFd(OwnedFd);
+
+impl SignalFd {
+    /// Blocks SIGINT, SIGTERM and SIGHUP for the calling thread (call before starting threads so
+    /// they inherit the mask) and returns a descriptor that reports them.
+    pub fn termination() -> io::Result<Self> {
+        // SAFETY: `set` is a local sigset_t initialised by sigemptyset before use; the calls only
+        // touch it and the thread's signal mask.
+        unsafe {
+            let mut set: libc::sigset_t = mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            cvt(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()))?;
+            let fd = cvt(libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC))?;
+            Ok(SignalFd(OwnedFd::from_raw_fd(fd)))
+        }
+    }
+
+    /// The next pending signal number, if any.
+    pub fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data; zeroed is a valid value.
+        let mut info: libc::signalfd_siginfo = unsafe { mem::zeroed() };
+        let size = mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, which is that large.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), &mut info as *mut _ as *mut _, size) };
+        (n as usize == size).then_some(info.ssi_signo as i32)
+    }
+}
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and takes no arguments.
+    unsafe { libc::geteuid() }
+}
+
+/// Thread CPU time used by the whole process so far.
+pub fn process_cpu_time() -> Duration {
+    // SAFETY: timespec is plain data; clock_gettime writes it.
+    let mut ts: libc::timespec = unsafe { mem::zeroed() };
+    // SAFETY: valid clock id and a pointer to a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Milliseconds since the Unix epoch (wall clock), for informational timestamps.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Tells systemd (Type=notify) that start-up finished, if `NOTIFY_SOCKET` is set.
+pub fn sd_notify_ready(status: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let msg = format!("READY=1\nSTATUS={status}\n");
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("sd_notify: cannot create socket: {e}");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        log::warn!("sd_notify to {path:?} failed: {e}");
+    }
+}
