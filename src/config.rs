@@ -161,6 +161,64 @@ pub struct AgentArgs {
     /// A peer whose heartbeat stops for this long is marked down, in ms.
     #[arg(long, value_name = "MS")]
     pub link_timeout_ms: Option<u64>,
+    /// Join through the doorbell server on this UNIX socket (`server` backend): peer id, region
+    /// and doorbells come from the server, as for QEMU.
+    #[arg(long, value_name = "PATH", conflicts_with = "shm")]
+    pub socket: Option<PathBuf>,
+    /// With doorbells: keep polling this long after the last activity before sleeping on the
+    /// doorbell, in µs (0: never spin, sleep at once).
+    #[arg(long, value_name = "US")]
+    pub spin_us: Option<u64>,
+}
+
+/// Flags of `ivnet server`.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// UNIX socket to listen on (QEMU: -chardev socket,path=PATH,id=ivs).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub region: RegionArgs,
+    /// Interrupt vectors (eventfds) per peer; QEMU's -device ivshmem-doorbell,vectors=N must
+    /// match. ivnet uses vector 0 for link changes and 1 for data.
+    #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_VECTORS)]
+    pub vectors: u32,
+}
+
+impl ServerArgs {
+    /// Checks the flags and builds the server configuration.
+    pub fn to_config(&self) -> Result<crate::server::ServerConfig, ConfigError> {
+        let Some(shm) = self.region.shm.clone() else {
+            return Err(invalid(
+                "shm",
+                "the server needs --shm PATH (the region file to create or serve)",
+            ));
+        };
+        Ok(crate::server::ServerConfig {
+            socket: self.socket.clone(),
+            shm,
+            size: self.region.size.map(|s| s.0).or(Some(DEFAULT_SERVER_SIZE)),
+            vectors: self.vectors,
+            geometry: self.region.geometry(),
+            max_queue: 4096,
+        })
+    }
+}
+
+/// Size of a region the server creates when no --size is given.
+pub const DEFAULT_SERVER_SIZE: u64 = 64 << 20;
+
+impl RegionArgs {
+    /// The geometry these flags ask for.
+    pub fn geometry(&self) -> GeometryRequest {
+        GeometryRequest {
+            max_peers: self.max_peers,
+            ring_slots: self.slots,
+            slot_size: self.slot_size,
+            mtu: self.segment_mtu,
+        }
+    }
 }
 
 /// The keys the configuration file may hold.
@@ -180,6 +238,8 @@ struct FileConfig {
     address: Option<Vec<String>>,
     poll_us: Option<u64>,
     link_timeout_ms: Option<u64>,
+    socket: Option<PathBuf>,
+    spin_us: Option<u64>,
 }
 
 /// How the agent reaches its region.
@@ -191,6 +251,11 @@ pub enum BackendChoice {
         path: PathBuf,
         /// Size to create it with.
         size: Option<u64>,
+    },
+    /// The doorbell server on a UNIX socket.
+    Server {
+        /// Socket path.
+        socket: PathBuf,
     },
 }
 
@@ -215,7 +280,12 @@ pub struct AgentConfig {
     pub poll: Duration,
     /// Link timeout.
     pub link_timeout: Duration,
+    /// Busy-poll window after activity (doorbell backends).
+    pub spin: Duration,
 }
+
+/// Default spin window in µs (see bench/README.md for the measurement behind it).
+pub const DEFAULT_SPIN_US: u64 = 50;
 
 /// Default TAP name.
 pub const DEFAULT_TAP: &str = "tap-shm";
@@ -251,9 +321,18 @@ impl AgentConfig {
             (None, Some(s)) => Some(s.parse::<ByteSize>().map_err(|m| invalid("size", m))?.0),
             (None, None) => None,
         };
-        let backend = match r.shm.clone().or(file.shm) {
-            Some(path) => BackendChoice::File { path, size },
-            None => return Err(ConfigError::NoBackend { more: "" }),
+        let backend = match (args.socket.clone(), r.shm.clone()) {
+            (Some(socket), _) => BackendChoice::Server { socket },
+            (None, Some(path)) => BackendChoice::File { path, size },
+            (None, None) => match (file.socket, file.shm) {
+                (Some(socket), _) => BackendChoice::Server { socket },
+                (None, Some(path)) => BackendChoice::File { path, size },
+                (None, None) => {
+                    return Err(ConfigError::NoBackend {
+                        more: " or --socket PATH (a doorbell server)",
+                    })
+                }
+            },
         };
         let geometry = GeometryRequest {
             max_peers: r.max_peers.or(file.max_peers),
@@ -261,6 +340,10 @@ impl AgentConfig {
             slot_size: r.slot_size.or(file.slot_size),
             mtu: r.segment_mtu.or(file.segment_mtu),
         };
+        let spin_us = args.spin_us.or(file.spin_us).unwrap_or(DEFAULT_SPIN_US);
+        if spin_us > 1_000_000 {
+            return Err(invalid("spin-us", format!("{spin_us} is out of range: use 0..=1000000")));
+        }
         let tap = args.tap.clone().or(file.tap).unwrap_or_else(|| DEFAULT_TAP.into());
         crate::agent::tap::validate_name(&tap).map_err(|e| invalid("tap", e.to_string()))?;
         let mtu = args.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
@@ -303,6 +386,7 @@ impl AgentConfig {
             addresses,
             poll: Duration::from_micros(poll_us),
             link_timeout: Duration::from_millis(timeout_ms),
+            spin: Duration::from_micros(spin_us),
         })
     }
 }

@@ -11,5 +11,6 @@ pub mod backend;
 pub mod config;
 pub mod mac;
 pub mod region;
+pub mod server;
 pub mod status;
 pub mod sys;

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use ivnet::agent::Wakeups;
 use ivnet::backend;
-use ivnet::config::{AgentArgs, AgentConfig, BackendChoice};
+use ivnet::backend::server_client::ServerSession;
+use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, ServerArgs};
 use ivnet::status::Status;
 
 /// An Ethernet segment between VMs and processes on one host, carried in shared memory.
@@ -32,6 +34,12 @@ enum Command {
     ///
     /// Example: ivnet agent --shm /dev/shm/ivnet --size 64M --address 10.0.0.1/24
     Agent(AgentArgs),
+    /// Run the doorbell server for QEMU's ivshmem-doorbell devices and `ivnet agent --socket`:
+    /// creates the region, assigns peer ids and hands out eventfds (QEMU's ivshmem-server
+    /// protocol). Runs in the foreground.
+    ///
+    /// Example: ivnet server --socket /run/ivnet.sock --shm /dev/shm/ivnet --size 64M
+    Server(ServerArgs),
     /// Show a region's header, peers (state, MAC, incarnation, heartbeat age), ring fill and
     /// counters. Needs only read access to the region file.
     Status {
@@ -60,12 +68,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
             let cfg = AgentConfig::from_args(&args)?;
-            let region = match &cfg.backend {
+            match &cfg.backend {
                 BackendChoice::File { path, size } => {
-                    backend::file::attach(path, *size, &cfg.geometry)?
+                    let region = backend::file::attach(path, *size, &cfg.geometry)?;
+                    ivnet::agent::run(region, &cfg, None, None)?;
                 }
-            };
-            ivnet::agent::run(region, &cfg, None, None)?;
+                BackendChoice::Server { socket } => {
+                    let session = ServerSession::connect(socket, &cfg.geometry, 2)?;
+                    let (id, region, notifier) =
+                        (session.id, session.region.clone(), session.notifier());
+                    let (fd, handler, own, _) = session.into_control();
+                    let wakeups = Wakeups {
+                        own,
+                        notifier: Box::new(notifier),
+                        spin: cfg.spin,
+                        control: Some((fd, handler)),
+                    };
+                    ivnet::agent::run(region, &cfg, Some(id), Some(wakeups))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Server(args) => {
+            let cfg = args.to_config()?;
+            ivnet::server::Server::bind(cfg)?.run()?;
             Ok(())
         }
         Command::Status { shm, json } => {

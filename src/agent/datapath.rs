@@ -439,13 +439,17 @@ impl<T: FrameIo> Datapath<T> {
     pub fn publish(&mut self, notifier: &mut dyn Notifier) {
         for (dst, p) in self.producers.iter_mut().enumerate() {
             let Some(p) = p else { continue };
-            if p.publish_and_check_waiting() {
-                if notifier.notify(dst as u32, VECTOR_DATA) {
+            match p.publish_and_check_waiting() {
+                Some(true) if notifier.notify(dst as u32, VECTOR_DATA) => {
                     self.doorbells[DoorbellCounter::Rung as usize] += 1;
                     self.counters_dirty = true;
                 }
-            } else if p.in_flight() > 0 {
-                // Published but the consumer is busy (or polls): no doorbell needed.
+                Some(false) => {
+                    // The consumer is busy: it will find the frames without being interrupted.
+                    self.doorbells[DoorbellCounter::Suppressed as usize] += 1;
+                    self.counters_dirty = true;
+                }
+                Some(true) | None => {}
             }
         }
         if self.counters_dirty {
@@ -454,12 +458,6 @@ impl<T: FrameIo> Datapath<T> {
             slot.store_counters(&self.counters);
             slot.store_doorbell_counters(&self.doorbells);
         }
-    }
-
-    /// Counts a publish that needed no doorbell (the consumer was busy).
-    pub fn count_suppressed(&mut self, n: u64) {
-        self.doorbells[DoorbellCounter::Suppressed as usize] += n;
-        self.counters_dirty = true;
     }
 
     /// Heartbeat and link checks; due every heartbeat interval. Returns the time of the next.
@@ -512,6 +510,21 @@ impl<T: FrameIo> Datapath<T> {
         let _ = (changed, notifier);
         self.next_beat = now + super::link::heartbeat_interval(self.opts.link_timeout);
         Ok(self.next_beat)
+    }
+
+    /// Runs the link checks on the next round instead of at the next heartbeat (a peer rang our
+    /// link-state vector).
+    pub fn force_housekeeping(&mut self) {
+        self.next_beat = Instant::now();
+    }
+
+    /// Rings every peer's link-state vector so they re-read the peer table now.
+    pub fn announce_link_change(&mut self, notifier: &mut dyn Notifier) {
+        for peer in 0..self.producers.len() as u32 {
+            if peer != self.claim.id {
+                notifier.notify(peer, VECTOR_LINK);
+            }
+        }
     }
 
     /// A peer left (reported by the doorbell server): mark it down now.

@@ -138,6 +138,22 @@ pub fn claim(
     }
 }
 
+/// Takes slot `id` that an authority (the doorbell server, or the device's IVPosition) assigned
+/// to us: nobody else can hold it, so no liveness check is needed, only a new incarnation.
+pub fn claim_assigned(region: &Region, id: u32) -> Result<Claim, ClaimError> {
+    let max_peers = region.geometry().max_peers;
+    if id >= max_peers {
+        return Err(ClaimError::OutOfRange { id, max_peers });
+    }
+    let slot = region.peer(id);
+    loop {
+        let inc = slot.incarnation();
+        if let Some(incarnation) = slot.try_claim(inc) {
+            return Ok(Claim { id, incarnation });
+        }
+    }
+}
+
 /// A change in a peer's link, reported by [`Links::tick`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkEvent {

@@ -19,7 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::config::AgentConfig;
 use crate::mac::Mac;
 use crate::region::{PeerKind, PeerState, Region};
-use crate::sys::{SignalFd, TimerFd};
+use crate::sys::{EventFd, SignalFd, TimerFd};
 use datapath::{Datapath, DatapathError, DatapathOptions, Notifier};
 use link::{Claim, ClaimError};
 use tap::{Tap, TapError};
@@ -63,20 +63,17 @@ fn evloop(what: &'static str) -> impl FnOnce(io::Error) -> AgentError {
 /// channel is gone.
 pub type ControlHandler = Box<dyn FnMut(&mut Vec<u32>) -> io::Result<()>>;
 
-/// Doorbell sources a backend may provide: descriptors to wait on, a notifier to ring peers,
-/// and a control channel that reports peers leaving.
+/// Doorbell sources a backend may provide: our own doorbells to wait on, a notifier to ring
+/// peers, and a control channel that reports peers leaving.
 pub struct Wakeups {
-    /// Our own doorbell descriptors (readable when rung), one per vector.
-    pub own: Vec<RawFd>,
+    /// Our own doorbells, one per vector (readable when rung).
+    pub own: Vec<EventFd>,
     /// Rings other peers.
     pub notifier: Box<dyn Notifier>,
     /// Busy-poll this long after activity before sleeping on the doorbells.
     pub spin: Duration,
-    /// Called when the control descriptor is readable; returns ids of peers that left, or an
-    /// error when the control channel is gone.
+    /// The backend's control descriptor and its handler.
     pub control: Option<(RawFd, ControlHandler)>,
-    /// Drains doorbell descriptor `fd` after it fired.
-    pub drain: Box<dyn FnMut(RawFd)>,
 }
 
 const TOKEN_TAP: Token = Token(0);
@@ -109,7 +106,7 @@ pub fn run(
     region: Region,
     cfg: &AgentConfig,
     assigned_id: Option<u32>,
-    wakeups: Option<Wakeups>,
+    mut wakeups: Option<Wakeups>,
 ) -> Result<(), AgentError> {
     // Block the termination signals before anything else so they are never lost.
     let signals = SignalFd::termination().map_err(evloop("signalfd"))?;
@@ -118,7 +115,11 @@ pub fn run(
         return Err(AgentError::MtuTooLarge { mtu: cfg.mtu, segment_mtu: g.mtu });
     }
     let tap = Tap::create(&cfg.tap)?;
-    let claim = link::claim(&region, assigned_id.or(cfg.peer_id), cfg.link_timeout)?;
+    let claim = match assigned_id {
+        // The doorbell server (or the device's IVPosition) decides: nobody else holds this id.
+        Some(id) => link::claim_assigned(&region, id)?,
+        None => link::claim(&region, cfg.peer_id, cfg.link_timeout)?,
+    };
     let mut guard = ClaimGuard { region: &region, claim, armed: true };
     let mac = cfg.mac.unwrap_or_else(|| Mac::for_peer(claim.id));
     tap.set_mac(mac.0)?;
@@ -146,8 +147,11 @@ pub fn run(
         cfg.mtu,
         cfg.addresses.iter().map(|a| format!(" {a}")).collect::<String>()
     );
-    let result = event_loop(&mut dp, tap_fd, &signals, cfg, wakeups);
+    let result = event_loop(&mut dp, tap_fd, &signals, cfg, &mut wakeups);
     dp.leave();
+    if let Some(w) = wakeups.as_mut() {
+        dp.announce_link_change(w.notifier.as_mut());
+    }
     match &result {
         Ok(()) => log::info!("left {} (peer {}), removed {}", region.name(), claim.id, tap_name),
         Err(e) => log::error!("stopping: {e}"),
@@ -167,7 +171,7 @@ fn event_loop(
     tap_fd: RawFd,
     signals: &SignalFd,
     cfg: &AgentConfig,
-    mut wakeups: Option<Wakeups>,
+    wakeups: &mut Option<Wakeups>,
 ) -> Result<(), AgentError> {
     use std::os::fd::AsRawFd;
     let mut poll = Poll::new().map_err(evloop("epoll"))?;
@@ -182,9 +186,13 @@ fn event_loop(
     let mut no_doorbells = datapath::NoDoorbells;
     let spin = wakeups.as_ref().map_or(Duration::ZERO, |w| w.spin);
     if let Some(w) = wakeups.as_mut() {
-        for (i, fd) in w.own.iter().enumerate() {
-            reg.register(&mut SourceFd(fd), Token(TOKEN_DOORBELL_BASE + i), Interest::READABLE)
-                .map_err(evloop("register a doorbell"))?;
+        for (i, e) in w.own.iter().enumerate() {
+            reg.register(
+                &mut SourceFd(&e.as_raw_fd()),
+                Token(TOKEN_DOORBELL_BASE + i),
+                Interest::READABLE,
+            )
+            .map_err(evloop("register a doorbell"))?;
         }
         if let Some((fd, _)) = &w.control {
             reg.register(&mut SourceFd(fd), TOKEN_CONTROL, Interest::READABLE)
@@ -193,6 +201,10 @@ fn event_loop(
     } else {
         // No doorbells: poll the rings at the configured interval.
         timer.set_periodic(Some(cfg.poll)).map_err(evloop("arm the poll timer"))?;
+    }
+    if let Some(w) = wakeups.as_mut() {
+        // Tell everyone to look at the peer table now rather than at their next heartbeat.
+        dp.announce_link_change(w.notifier.as_mut());
     }
     crate::sys::sd_notify_ready(&format!("peer {}", dp.claim().id));
     let mut events = Events::with_capacity(64);
@@ -274,10 +286,12 @@ fn event_loop(
                     }
                 }
                 Token(t) if t >= TOKEN_DOORBELL_BASE => {
-                    if let Some(w) = wakeups.as_mut() {
-                        if let Some(&fd) = w.own.get(t - TOKEN_DOORBELL_BASE) {
-                            (w.drain)(fd);
-                        }
+                    let vector = t - TOKEN_DOORBELL_BASE;
+                    if let Some(e) = wakeups.as_ref().and_then(|w| w.own.get(vector)) {
+                        e.drain();
+                    }
+                    if vector == datapath::VECTOR_LINK as usize {
+                        dp.force_housekeeping();
                     }
                 }
                 _ => {}

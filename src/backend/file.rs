@@ -86,6 +86,15 @@ pub fn attach(
     size: Option<u64>,
     req: &GeometryRequest,
 ) -> Result<Region, FileBackendError> {
+    attach_with_file(path, size, req).map(|(_, region)| region)
+}
+
+/// As [`attach`], also returning the open file (the doorbell server hands its descriptor out).
+pub fn attach_with_file(
+    path: &Path,
+    size: Option<u64>,
+    req: &GeometryRequest,
+) -> Result<(File, Region), FileBackendError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -126,7 +135,8 @@ pub fn attach(
     let map = memmap2::MmapOptions::new()
         .map_raw(&file)
         .map_err(|source| FileBackendError::Map { path: path.into(), source })?;
-    Ok(Region::attach(Arc::new(map), &path.display().to_string(), req)?)
+    let region = Region::attach(Arc::new(map), &path.display().to_string(), req)?;
+    Ok((file, region))
 }
 
 /// Maps the region file at `path` read-only, for `status` (no write permission needed).

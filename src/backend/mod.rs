@@ -4,3 +4,4 @@
 //! [`Region`]: crate::region::Region
 
 pub mod file;
+pub mod server_client;

@@ -298,17 +298,18 @@ impl Producer {
         true
     }
 
-    /// Publishes, then tells whether the consumer asked to be woken (its waiting flag is set).
+    /// Publishes, then tells whether the consumer asked to be woken (its waiting flag is set):
+    /// `None` if nothing new was published, else `Some(waiting)`.
     ///
     /// The SeqCst fence orders our head store before the flag load; the consumer orders its
     /// flag store before its head load the same way (`Consumer::prepare_to_sleep`), so at least
     /// one of us sees the other: no wake-up is lost (DESIGN rule 4).
-    pub fn publish_and_check_waiting(&mut self) -> bool {
+    pub fn publish_and_check_waiting(&mut self) -> Option<bool> {
         if !self.publish() {
-            return false;
+            return None;
         }
         fence(Ordering::SeqCst);
-        self.raw.u32_at(self.g.base + ring::CONSUMER_WAITING).load(Ordering::Relaxed) != 0
+        Some(self.raw.u32_at(self.g.base + ring::CONSUMER_WAITING).load(Ordering::Relaxed) != 0)
     }
 
     /// Counts a frame dropped because the ring was full.
@@ -949,10 +950,15 @@ mod tests {
         let mut c = Consumer::new(&r, 0, 1);
         assert!(!c.prepare_to_sleep(), "empty ring: may sleep");
         p.push(&[], &frame(0, 60)).unwrap();
-        assert!(p.publish_and_check_waiting(), "consumer sleeps: ring it");
+        assert_eq!(p.publish_and_check_waiting(), Some(true), "consumer sleeps: ring it");
         c.wake();
         p.push(&[], &frame(1, 60)).unwrap();
-        assert!(!p.publish_and_check_waiting(), "consumer busy: do not interrupt it");
+        assert_eq!(
+            p.publish_and_check_waiting(),
+            Some(false),
+            "consumer busy: do not interrupt it"
+        );
+        assert_eq!(p.publish_and_check_waiting(), None, "nothing new: nothing to say");
         assert!(c.prepare_to_sleep(), "data arrived: do not sleep");
     }
 

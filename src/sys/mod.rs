@@ -1,7 +1,9 @@
 //! Thin, checked wrappers over the Linux system calls ivnet needs beyond std: interface
-//! configuration ioctls, timerfd, eventfd and signalfd. Each call's result is checked and turned
+//! configuration ioctls, timerfd, eventfd, signalfd and descriptor passing. Each call's result is checked and turned
 //! into an `io::Error`; nothing here keeps state.
 #![allow(unsafe_code)]
+
+pub mod fdpass;
 
 use std::ffi::CString;
 use std::io;
@@ -223,6 +225,12 @@ impl EventFd {
     }
 }
 
+impl From<EventFd> for OwnedFd {
+    fn from(e: EventFd) -> OwnedFd {
+        e.0
+    }
+}
+
 impl AsRawFd for EventFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
@@ -233,6 +241,24 @@ impl AsRawFd for EventFd {
 pub fn flock(fd: RawFd, op: libc::c_int) -> io::Result<()> {
     // SAFETY: flock(2) on a descriptor the caller keeps open across the call; no pointers.
     cvt(unsafe { libc::flock(fd, op) }).map(|_| ())
+}
+
+/// The process id of the peer of a connected UNIX socket (SO_PEERCRED).
+pub fn peer_pid(sock: RawFd) -> Option<u32> {
+    // SAFETY: ucred is plain data; zeroed is valid.
+    let mut cred: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 /// Sets O_NONBLOCK on `fd`.

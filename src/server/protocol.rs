@@ -1,0 +1,163 @@
+//! QEMU's ivshmem client-server protocol (QEMU `docs/specs/ivshmem-spec.rst`), shared by the
+//! server and the `server` backend of the agent.
+//!
+//! One-way, server to client: every message is one 8-byte little-endian signed integer,
+//! optionally with one file descriptor (SCM_RIGHTS). On connect: the protocol version (0); the
+//! client's id; -1 with the shared-memory descriptor; for every other client, its id once per
+//! vector with that vector's eventfd; then the client's own id once per vector with its own
+//! eventfds. Afterwards: another client's id with a descriptor (it connected; once per vector)
+//! or without one (it disconnected). The client never sends anything.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crate::sys::fdpass;
+
+/// The protocol version this implementation speaks.
+pub const PROTOCOL_VERSION: i64 = 0;
+/// Most vectors a server hands out per client (QEMU's own server allows 64).
+pub const MAX_VECTORS: u32 = 64;
+/// Largest peer id the Doorbell register can address.
+pub const MAX_PEER_ID: u32 = 65535;
+
+/// One message as received.
+#[derive(Debug)]
+pub struct Message {
+    /// The integer.
+    pub value: i64,
+    /// The descriptor that came with it.
+    pub fd: Option<OwnedFd>,
+}
+
+/// Reassembles 8-byte messages (and their descriptors) from a non-blocking stream socket.
+#[derive(Default)]
+pub struct MessageReader {
+    partial: [u8; 8],
+    have: usize,
+    fds: Vec<OwnedFd>,
+}
+
+/// What one read attempt produced.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// A whole message.
+    Message(Message),
+    /// Nothing more for now.
+    WouldBlock,
+    /// The peer closed the connection.
+    Eof,
+}
+
+impl MessageReader {
+    /// Reads until one whole message is available, the socket would block, or it is closed.
+    ///
+    /// Reads never cross a message boundary, so each descriptor is attributed to the message
+    /// whose bytes carried it.
+    pub fn read(&mut self, sock: RawFd) -> io::Result<ReadOutcome> {
+        loop {
+            let want = 8 - self.have;
+            let mut buf = [0u8; 8];
+            match fdpass::recv_with_fds(sock, &mut buf[..want], &mut self.fds) {
+                Ok(0) => return Ok(ReadOutcome::Eof),
+                Ok(n) => {
+                    self.partial[self.have..self.have + n].copy_from_slice(&buf[..n]);
+                    self.have += n;
+                    if self.have == 8 {
+                        self.have = 0;
+                        let value = i64::from_le_bytes(self.partial);
+                        // A message carries at most one descriptor; extra ones are closed here.
+                        let mut fds = std::mem::take(&mut self.fds).into_iter();
+                        let fd = fds.next();
+                        return Ok(ReadOutcome::Message(Message { value, fd }));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(ReadOutcome::WouldBlock)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A message waiting to be sent.
+struct Outgoing {
+    bytes: [u8; 8],
+    fd: Option<Arc<OwnedFd>>,
+    sent: usize,
+}
+
+/// Messages queued for one client, sent as the socket accepts them, so that a client that
+/// does not read never blocks the server.
+#[derive(Default)]
+pub struct MessageQueue {
+    queue: VecDeque<Outgoing>,
+}
+
+impl MessageQueue {
+    /// Queues `value`, with `fd` attached if given.
+    pub fn push(&mut self, value: i64, fd: Option<Arc<OwnedFd>>) {
+        self.queue.push_back(Outgoing { bytes: value.to_le_bytes(), fd, sent: 0 });
+    }
+
+    /// Messages not yet fully sent.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether everything was sent.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Sends as much as the socket takes. `Ok(true)` when the queue is empty.
+    pub fn flush(&mut self, sock: RawFd) -> io::Result<bool> {
+        while let Some(m) = self.queue.front_mut() {
+            // The descriptor rides on the first byte of its message only.
+            let fd = if m.sent == 0 { m.fd.as_ref().map(|f| f.as_raw_fd()) } else { None };
+            match fdpass::send_with_fd(sock, &m.bytes[m.sent..], fd) {
+                Ok(n) => {
+                    m.sent += n;
+                    if m.sent == 8 {
+                        self.queue.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn test_messages_and_descriptors_round_trip() {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let efd = Arc::new(crate::sys::EventFd::new().unwrap().fd().try_clone().unwrap());
+        let mut q = MessageQueue::default();
+        q.push(0, None);
+        q.push(7, None);
+        q.push(-1, Some(efd.clone()));
+        q.push(3, Some(efd));
+        assert!(q.flush(a.as_raw_fd()).unwrap());
+        let mut r = MessageReader::default();
+        let mut got = Vec::new();
+        while let ReadOutcome::Message(m) = r.read(b.as_raw_fd()).unwrap() {
+            got.push((m.value, m.fd.is_some()));
+        }
+        assert_eq!(got, vec![(0, false), (7, false), (-1, true), (3, true)]);
+        drop(a);
+        assert!(matches!(r.read(b.as_raw_fd()).unwrap(), ReadOutcome::Eof));
+    }
+}
