@@ -169,6 +169,13 @@ pub struct AgentArgs {
     /// doorbell, in µs (0: never spin, sleep at once).
     #[arg(long, value_name = "US")]
     pub spin_us: Option<u64>,
+    /// In a VM: use the ivshmem PCI device (`auto` finds it, or a PCI address like
+    /// 0000:00:03.0): through vfio-pci with MSI-X doorbells, else through sysfs, polling.
+    #[arg(long, value_name = "auto|ADDR", conflicts_with_all = ["shm", "socket"])]
+    pub device: Option<crate::backend::pci::DeviceSpec>,
+    /// With --device: bind the device to vfio-pci (driver_override) if it is not bound yet.
+    #[arg(long, requires = "device")]
+    pub bind: bool,
 }
 
 /// Flags of `ivnet server`.
@@ -240,6 +247,8 @@ struct FileConfig {
     link_timeout_ms: Option<u64>,
     socket: Option<PathBuf>,
     spin_us: Option<u64>,
+    device: Option<String>,
+    bind: Option<bool>,
 }
 
 /// How the agent reaches its region.
@@ -256,6 +265,13 @@ pub enum BackendChoice {
     Server {
         /// Socket path.
         socket: PathBuf,
+    },
+    /// The ivshmem PCI device (in a VM).
+    Pci {
+        /// Which device.
+        spec: crate::backend::pci::DeviceSpec,
+        /// Bind it to vfio-pci if needed.
+        bind: bool,
     },
 }
 
@@ -321,18 +337,27 @@ impl AgentConfig {
             (None, Some(s)) => Some(s.parse::<ByteSize>().map_err(|m| invalid("size", m))?.0),
             (None, None) => None,
         };
-        let backend = match (args.socket.clone(), r.shm.clone()) {
-            (Some(socket), _) => BackendChoice::Server { socket },
-            (None, Some(path)) => BackendChoice::File { path, size },
-            (None, None) => match (file.socket, file.shm) {
-                (Some(socket), _) => BackendChoice::Server { socket },
-                (None, Some(path)) => BackendChoice::File { path, size },
-                (None, None) => {
-                    return Err(ConfigError::NoBackend {
-                        more: " or --socket PATH (a doorbell server)",
-                    })
-                }
-            },
+        let file_device = match &file.device {
+            Some(d) => Some(d.parse().map_err(|m: String| invalid("device", m))?),
+            None => None,
+        };
+        let bind = args.bind || file.bind.unwrap_or(false);
+        let backend = if let Some(spec) = args.device.clone() {
+            BackendChoice::Pci { spec, bind }
+        } else if let Some(socket) = args.socket.clone() {
+            BackendChoice::Server { socket }
+        } else if let Some(path) = r.shm.clone() {
+            BackendChoice::File { path, size }
+        } else if let Some(spec) = file_device {
+            BackendChoice::Pci { spec, bind }
+        } else if let Some(socket) = file.socket {
+            BackendChoice::Server { socket }
+        } else if let Some(path) = file.shm {
+            BackendChoice::File { path, size }
+        } else {
+            return Err(ConfigError::NoBackend {
+                more: ", --socket PATH (a doorbell server) or --device auto (the ivshmem PCI device in a VM)",
+            });
         };
         let geometry = GeometryRequest {
             max_peers: r.max_peers.or(file.max_peers),

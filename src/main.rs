@@ -73,6 +73,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let region = backend::file::attach(path, *size, &cfg.geometry)?;
                     ivnet::agent::run(region, &cfg, None, None)?;
                 }
+                BackendChoice::Pci { spec, bind } => {
+                    let m = backend::open_pci(spec, *bind, &cfg.geometry, cfg.spin)?;
+                    log::info!("using the ivshmem device through {}", m.backend);
+                    ivnet::agent::run(m.region, &cfg, m.assigned_id, m.wakeups)?;
+                }
                 BackendChoice::Server { socket } => {
                     let session = ServerSession::connect(socket, &cfg.geometry, 2)?;
                     let (id, region, notifier) =

@@ -247,28 +247,8 @@ impl<T: FrameIo> Datapath<T> {
     /// Moves frames from the local interface into the rings: at most one batch. Returns the
     /// number of frames handled.
     pub fn tx(&mut self, now: Instant) -> usize {
-        if let Some(p) = self.pending {
-            match self.push_to(p.dst, p.len) {
-                Ok(()) => {
-                    self.pending = None;
-                    self.producers[p.dst as usize].as_ref().expect("producer").set_waiting(false);
-                }
-                Err(_) => {
-                    let prod = self.producers[p.dst as usize].as_mut().expect("producer");
-                    if prod.tail_moved() {
-                        self.pending = Some(Pending { since: now, ..p });
-                    } else if now.duration_since(p.since) >= self.opts.stall_timeout {
-                        prod.count_drop_full();
-                        prod.set_waiting(false);
-                        self.stalled[p.dst as usize] = true;
-                        self.pending = None;
-                        log::warn!("peer {}: ring stalled (consumer made no progress for {:?}); dropping its frames until it moves", p.dst, self.opts.stall_timeout);
-                    }
-                    if self.pending.is_some() {
-                        return 0;
-                    }
-                }
-            }
+        if !self.retry_pending(now) {
+            return 0;
         }
         let mut handled = 0;
         while handled < self.opts.batch {
@@ -291,36 +271,68 @@ impl<T: FrameIo> Datapath<T> {
                 }
             };
             handled += 1;
-            self.count(PeerCounter::LocalRxFrames, 1);
-            self.count(PeerCounter::LocalRxBytes, len as u64);
-            if len < 14 {
-                self.count(PeerCounter::DropRunt, 1);
-                continue;
-            }
-            if len > self.max_eth {
-                self.count(PeerCounter::DropOversize, 1);
-                continue;
-            }
-            let mut dst = [0u8; 6];
-            let mut src = [0u8; 6];
-            dst.copy_from_slice(&self.buf[0..6]);
-            src.copy_from_slice(&self.buf[6..12]);
-            self.switch.learn(src, self.claim.id, now);
-            match self.switch.forward(dst, now) {
-                Forward::ToSelf => self.count(PeerCounter::DropToSelf, 1),
-                Forward::Unicast(peer) => {
-                    if !self.links.is_up(peer) {
-                        self.producers[peer as usize].as_mut().expect("producer").count_drop_down();
-                        continue;
-                    }
-                    if self.unicast(peer, len, now) {
-                        break; // blocked on a full ring: leave the rest in the TAP queue
-                    }
-                }
-                Forward::Flood => self.flood(len),
+            if self.forward_local(len, now) {
+                break; // blocked on a full ring: leave the rest in the TAP queue
             }
         }
         handled
+    }
+
+    /// Retries the frame held back by back-pressure, if any. Returns true when nothing is held
+    /// back any more (the transmit buffer is free).
+    fn retry_pending(&mut self, now: Instant) -> bool {
+        let Some(p) = self.pending else { return true };
+        match self.push_to(p.dst, p.len) {
+            Ok(()) => {
+                self.pending = None;
+                self.producers[p.dst as usize].as_ref().expect("producer").set_waiting(false);
+            }
+            Err(_) => {
+                let prod = self.producers[p.dst as usize].as_mut().expect("producer");
+                if prod.tail_moved() {
+                    self.pending = Some(Pending { since: now, ..p });
+                } else if now.duration_since(p.since) >= self.opts.stall_timeout {
+                    prod.count_drop_full();
+                    prod.set_waiting(false);
+                    self.stalled[p.dst as usize] = true;
+                    self.pending = None;
+                    log::warn!("peer {}: ring stalled (consumer made no progress for {:?}); dropping its frames until it moves", p.dst, self.opts.stall_timeout);
+                }
+            }
+        }
+        self.pending.is_none()
+    }
+
+    /// Sends `buf[..len]`, a frame that came from the local interface, through the switch.
+    /// Returns true if it is now held back because its ring is full.
+    fn forward_local(&mut self, len: usize, now: Instant) -> bool {
+        self.count(PeerCounter::LocalRxFrames, 1);
+        self.count(PeerCounter::LocalRxBytes, len as u64);
+        if len < 14 {
+            self.count(PeerCounter::DropRunt, 1);
+            return false;
+        }
+        if len > self.max_eth {
+            self.count(PeerCounter::DropOversize, 1);
+            return false;
+        }
+        let mut dst = [0u8; 6];
+        let mut src = [0u8; 6];
+        dst.copy_from_slice(&self.buf[0..6]);
+        src.copy_from_slice(&self.buf[6..12]);
+        self.switch.learn(src, self.claim.id, now);
+        match self.switch.forward(dst, now) {
+            Forward::ToSelf => self.count(PeerCounter::DropToSelf, 1),
+            Forward::Unicast(peer) => {
+                if !self.links.is_up(peer) {
+                    self.producers[peer as usize].as_mut().expect("producer").count_drop_down();
+                    return false;
+                }
+                return self.unicast(peer, len, now);
+            }
+            Forward::Flood => self.flood(len),
+        }
+        false
     }
 
     /// Sends to one peer; returns true if the frame is now pending (ring full).

@@ -61,6 +61,20 @@ unsafe impl SharedMemory for ReadOnlyMapping {
     }
 }
 
+/// A PCI BAR mapped through VFIO (the ivshmem device's BAR2 in a guest).
+pub struct VfioBar(pub pci_driver::regions::MappedOwningPciRegion);
+
+// SAFETY: the mapping covers `len()` bytes at `as_mut_ptr()`, is page aligned (mmap of the VFIO
+// device file) and stays mapped until the value is dropped.
+unsafe impl SharedMemory for VfioBar {
+    fn base(&self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+    fn size(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Zeroed heap memory that stands in for a shared mapping in tests and benchmarks (and under
 /// Miri, which cannot mmap).
 pub struct HeapMemory {
