@@ -113,8 +113,7 @@ impl VfioDevice {
             let fds: io::Result<Vec<EventFd>> = (0..n).map(|_| EventFd::new()).collect();
             match fds {
                 Ok(fds) => {
-                    let raw: Vec<i32> =
-                        fds.iter().map(|e| std::os::fd::AsRawFd::as_raw_fd(e)).collect();
+                    let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
                     match msix.enable(&raw) {
                         Ok(()) => vectors = fds,
                         Err(e) => log::warn!(
