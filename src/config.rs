@@ -142,7 +142,7 @@ pub struct AgentArgs {
     /// Our peer id (slot in the peer table). Default: claim a free slot.
     #[arg(long, value_name = "ID")]
     pub peer_id: Option<u32>,
-    /// Name of the TAP interface to create.
+    /// Name of the TAP interface to create (1 to 15 characters). Default tap-shm.
     #[arg(long, value_name = "NAME")]
     pub tap: Option<String>,
     /// MTU of the TAP interface (68..=65521, at most the segment MTU). Default 1500.
@@ -156,9 +156,10 @@ pub struct AgentArgs {
     #[arg(long, value_name = "CIDR")]
     pub address: Vec<Cidr>,
     /// Interval at which the inbound rings are polled when there is no doorbell, in µs.
+    /// Default 100.
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u64>,
-    /// A peer whose heartbeat stops for this long is marked down, in ms.
+    /// A peer whose heartbeat stops for this long is marked down, in ms. Default 1000.
     #[arg(long, value_name = "MS")]
     pub link_timeout_ms: Option<u64>,
     /// Join through the doorbell server on this UNIX socket (`server` backend): peer id, region
@@ -166,7 +167,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "shm")]
     pub socket: Option<PathBuf>,
     /// With doorbells: keep polling this long after the last activity before sleeping on the
-    /// doorbell, in µs (0: never spin, sleep at once).
+    /// doorbell, in µs (0: never spin, sleep at once). Default 50.
     #[arg(long, value_name = "US")]
     pub spin_us: Option<u64>,
     /// In a VM: use the ivshmem PCI device (`auto` finds it, or a PCI address like
@@ -461,6 +462,21 @@ mod tests {
         let e = AgentConfig::from_args(&args).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn test_shipped_example_configuration_parses() {
+        let text = include_str!("../config/ivnet.toml");
+        let parsed: FileConfig = toml::from_str(text).expect("config/ivnet.toml must parse");
+        assert_eq!(parsed.device.as_deref(), Some("auto"));
+        let path = std::env::temp_dir().join(format!("ivnet-example-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let c =
+            AgentConfig::from_args(&AgentArgs { config: Some(path.clone()), ..Default::default() });
+        std::fs::remove_file(&path).unwrap();
+        let c = c.unwrap();
+        assert!(matches!(c.backend, BackendChoice::Pci { bind: true, .. }));
+        assert_eq!((c.tap.as_str(), c.mtu), ("tap-shm", 1500));
     }
 
     #[test]
