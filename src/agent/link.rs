@@ -75,7 +75,13 @@ fn claimable_now(state: PeerState) -> bool {
 /// Watches the heartbeats of `ids` for up to `timeout` (plus one heartbeat period); returns the
 /// ids whose heartbeat and incarnation did not change (their owners are gone).
 fn stale_among(region: &Region, ids: &[u32], timeout: Duration) -> Vec<u32> {
-    let seen: Vec<(u32, u64, u64)> = ids
+    // Owners on this host whose process is gone are dead now: no need to watch them.
+    let (dead, watch): (Vec<u32>, Vec<u32>) =
+        ids.iter().partition(|&&id| owner_is_gone(region, id));
+    if watch.is_empty() {
+        return dead;
+    }
+    let seen: Vec<(u32, u64, u64)> = watch
         .iter()
         .map(|&id| (id, region.peer(id).heartbeat(), region.peer(id).incarnation()))
         .collect();
@@ -90,7 +96,19 @@ fn stale_among(region: &Region, ids: &[u32], timeout: Duration) -> Vec<u32> {
             }
         }
     }
-    seen.iter().zip(live).filter(|(_, l)| !l).map(|(&(id, _, _), _)| id).collect()
+    let mut stale = dead;
+    stale.extend(seen.iter().zip(live).filter(|(_, l)| !l).map(|(&(id, _, _), _)| id));
+    stale
+}
+
+/// Whether the owner of slot `id` ran on this host (same boot, same pid namespace) and its
+/// process no longer exists. Owners elsewhere (another VM) are never judged this way.
+fn owner_is_gone(region: &Region, id: u32) -> bool {
+    let (host, pid) = region.peer(id).owner();
+    if host == 0 || pid == 0 || host != crate::sys::host_token() {
+        return false;
+    }
+    pid == std::process::id() || !crate::sys::process_exists(pid)
 }
 
 /// Claims slot `requested`, or any free slot when `None`. A slot whose owner stopped
@@ -330,6 +348,32 @@ mod tests {
         // Now its heartbeat has stopped: the slot can be taken over, with a new incarnation.
         let b = claim(&r, Some(1), t).unwrap();
         assert_eq!(b.incarnation, a.incarnation + 1);
+    }
+
+    #[test]
+    fn test_slot_of_a_dead_process_on_this_host_is_taken_at_once() {
+        let r = region();
+        let a = claim(&r, Some(1), Duration::from_millis(200)).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        r.peer(1).set_info([2, 0, 0, 0, 0, 1], 1500, 0, crate::region::PeerKind::Agent, dead_pid);
+        r.peer(1).beat(0);
+        r.peer(1).set_state(PeerState::Up);
+        // The heartbeat keeps moving (as if the slot were live), so only the dead-pid check can
+        // make the claim succeed; watching the heartbeat would refuse it as already live.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r2, s2) = (r.clone(), stop.clone());
+        let beater = std::thread::spawn(move || {
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                r2.peer(1).beat(0);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let b = claim(&r, Some(1), Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        beater.join().unwrap();
+        assert_eq!(b.unwrap().incarnation, a.incarnation + 1);
     }
 
     #[test]

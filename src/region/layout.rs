@@ -104,6 +104,9 @@ pub mod peer {
     pub const FEATURES: usize = 44;
     /// u32 kind of member (agent, stack, ...), informational.
     pub const KIND: usize = 48;
+    /// u64 token of the owner's host and pid namespace (0: unknown): a claimer on the same host
+    /// can tell at once that an owner whose pid no longer exists is dead.
+    pub const HOST: usize = 56;
     /// Owner's counters: 16 u64 starting here (see [`super::PeerCounter`]).
     pub const COUNTERS: usize = 64;
     /// Owner's doorbell counters: 8 u64 starting here (see [`super::DoorbellCounter`]).

@@ -505,6 +505,7 @@ impl<'r> PeerSlot<'r> {
         self.u32f(peer::FEATURES).store(features, Ordering::Relaxed);
         self.u32f(peer::KIND).store(kind as u32, Ordering::Relaxed);
         self.u32f(peer::PID).store(pid, Ordering::Relaxed);
+        self.u64f(peer::HOST).store(crate::sys::host_token(), Ordering::Relaxed);
         for i in 0..layout::PEER_COUNTERS {
             self.u64f(peer::COUNTERS + i * 8).store(0, Ordering::Relaxed);
         }
@@ -535,6 +536,14 @@ impl<'r> PeerSlot<'r> {
     /// Reads a doorbell counter.
     pub fn doorbell_counter(&self, c: layout::DoorbellCounter) -> u64 {
         self.u64f(peer::DOORBELL_COUNTERS + c as usize * 8).load(Ordering::Relaxed)
+    }
+
+    /// The owner's host token and pid, for the same-host liveness shortcut.
+    pub fn owner(&self) -> (u64, u32) {
+        (
+            self.u64f(peer::HOST).load(Ordering::Relaxed),
+            self.u32f(peer::PID).load(Ordering::Relaxed),
+        )
     }
 
     /// Reads the whole entry.
