@@ -41,11 +41,14 @@ enum Command {
     /// Example: ivnet server --socket /run/ivnet.sock --shm /dev/shm/ivnet --size 64M
     Server(ServerArgs),
     /// Show a region's header, peers (state, MAC, incarnation, heartbeat age), ring fill and
-    /// counters. Needs only read access to the region file.
+    /// counters. Needs only read access to the region file (or, in a VM, to the device's BAR2).
     Status {
         /// Region file.
-        #[arg(long, value_name = "PATH")]
-        shm: PathBuf,
+        #[arg(long, value_name = "PATH", required_unless_present = "device")]
+        shm: Option<PathBuf>,
+        /// In a VM: read the region from the ivshmem PCI device (`auto` or a PCI address).
+        #[arg(long, value_name = "auto|ADDR", conflicts_with = "shm")]
+        device: Option<backend::pci::DeviceSpec>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -99,8 +102,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ivnet::server::Server::bind(cfg)?.run()?;
             Ok(())
         }
-        Command::Status { shm, json } => {
-            let region = backend::file::open_read_only(&shm)?;
+        Command::Status { shm, device, json } => {
+            let region = match (shm, device) {
+                (Some(shm), _) => backend::file::open_read_only(&shm)?,
+                (None, Some(spec)) => {
+                    let dev = backend::pci::IvshmemDevice::find(&spec)?;
+                    backend::sysfs::SysfsDevice::open_read_only(&dev)?
+                }
+                (None, None) => anyhow::bail!("give --shm PATH or --device auto"),
+            };
             let status = Status::read(&region);
             if json {
                 println!("{}", serde_json::to_string_pretty(&status).context("encoding JSON")?);

@@ -79,6 +79,16 @@ impl SysfsDevice {
         Ok(SysfsDevice { region, registers })
     }
 
+    /// Maps BAR2 of `dev` read-only and opens the region for `status` (never writes).
+    pub fn open_read_only(dev: &IvshmemDevice) -> Result<Region, SysfsError> {
+        let path = dev.path.join("resource2");
+        let err = |source| SysfsError::Map { path: path.clone(), source };
+        let f = std::fs::File::open(&path).map_err(err)?;
+        let map = memmap2::MmapOptions::new().map_raw_read_only(&f).map_err(err)?;
+        let name = format!("ivshmem {} (sysfs)", dev.addr);
+        Ok(Region::open_read_only(Arc::new(crate::region::raw::ReadOnlyMapping(map)), &name)?)
+    }
+
     /// The device's IVPosition register: its peer id if it is an ivshmem-doorbell.
     pub fn ivposition(&self) -> u32 {
         self.registers.read_u32(REG_IVPOSITION).unwrap_or(0)
