@@ -143,6 +143,8 @@ pub struct Datapath<T: FrameIo> {
     counters_dirty: bool,
     opts: DatapathOptions,
     next_beat: Instant,
+    /// Run the link checks on the next round whatever the time (a link-state doorbell rang).
+    beat_due: bool,
     corrupt_log: RateLimit,
     io_log: RateLimit,
 }
@@ -193,6 +195,7 @@ impl<T: FrameIo> Datapath<T> {
             counters_dirty: true,
             opts,
             next_beat: Instant::now(),
+            beat_due: true,
             corrupt_log: RateLimit::new(),
             io_log: RateLimit::new(),
         }
@@ -478,7 +481,7 @@ impl<T: FrameIo> Datapath<T> {
         now: Instant,
         notifier: &mut dyn Notifier,
     ) -> Result<Instant, DatapathError> {
-        if now < self.next_beat {
+        if now < self.next_beat && !self.beat_due {
             return Ok(self.next_beat);
         }
         let slot = self.region.peer(self.claim.id);
@@ -520,6 +523,7 @@ impl<T: FrameIo> Datapath<T> {
             }
         });
         let _ = (changed, notifier);
+        self.beat_due = false;
         self.next_beat = now + super::link::heartbeat_interval(self.opts.link_timeout);
         Ok(self.next_beat)
     }
@@ -527,7 +531,7 @@ impl<T: FrameIo> Datapath<T> {
     /// Runs the link checks on the next round instead of at the next heartbeat (a peer rang our
     /// link-state vector).
     pub fn force_housekeeping(&mut self) {
-        self.next_beat = Instant::now();
+        self.beat_due = true;
     }
 
     /// Rings every peer's link-state vector so they re-read the peer table now.

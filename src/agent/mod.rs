@@ -9,6 +9,9 @@ pub mod link;
 pub mod switch;
 pub mod tap;
 
+#[cfg(test)]
+mod datapath_tests;
+
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};

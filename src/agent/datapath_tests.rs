@@ -1,0 +1,205 @@
+//! Data-path logic over an in-memory region and fake TAPs: no root, no kernel.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::datapath::{Datapath, DatapathOptions, NoDoorbells, Notifier, VECTOR_DATA};
+use super::link::{claim, Claim};
+use super::tap::FakeTap;
+use crate::mac::Mac;
+use crate::region::layout::PeerCounter;
+use crate::region::ring::RingSnapshot;
+use crate::region::{GeometryRequest, HeapMemory, PeerKind, Region};
+
+fn region(peers: u32, slots: u32) -> Region {
+    let req = GeometryRequest {
+        max_peers: Some(peers),
+        ring_slots: Some(slots),
+        mtu: Some(9000),
+        ..Default::default()
+    };
+    let size = req.resolve(u64::MAX).unwrap().layout().unwrap().total;
+    Region::attach(Arc::new(HeapMemory::new(size)), "dp-test", &req).unwrap()
+}
+
+fn member(r: &Region, id: u32) -> Datapath<FakeTap> {
+    let c: Claim = claim(r, Some(id), Duration::from_millis(50)).unwrap();
+    let opts = DatapathOptions { mtu: 9000, ..Default::default() };
+    Datapath::join(r.clone(), c, FakeTap::default(), Mac::for_peer(id).0, PeerKind::Agent, opts)
+}
+
+/// An Ethernet frame from `src` to `dst` with a recognisable payload.
+fn frame(dst: [u8; 6], src: [u8; 6], tag: u8, len: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.resize(len, tag);
+    f
+}
+
+fn mac(id: u32) -> [u8; 6] {
+    Mac::for_peer(id).0
+}
+
+/// One round of every member: links, tx, rx, publish.
+fn round(members: &mut [&mut Datapath<FakeTap>]) {
+    let now = Instant::now();
+    for m in members.iter_mut() {
+        m.force_housekeeping();
+        m.housekeeping(now, &mut NoDoorbells).unwrap();
+    }
+    for m in members.iter_mut() {
+        m.set_tap_readable(); // what the TAP's readiness event does in the agent's loop
+        m.tx(now);
+        m.publish(&mut NoDoorbells);
+    }
+    for m in members.iter_mut() {
+        m.rx(now, &mut NoDoorbells);
+        m.publish(&mut NoDoorbells);
+    }
+}
+
+#[test]
+fn test_broadcast_reaches_every_peer_and_unicast_only_its_own() {
+    let r = region(3, 64);
+    let (mut a, mut b, mut c) = (member(&r, 0), member(&r, 1), member(&r, 2));
+    round(&mut [&mut a, &mut b, &mut c]);
+    a.tap.inbound.push_back(frame([0xff; 6], mac(0), 1, 60));
+    round(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(b.tap.outbound.len(), 1);
+    assert_eq!(c.tap.outbound.len(), 1);
+    assert_eq!(b.tap.outbound[0], frame([0xff; 6], mac(0), 1, 60));
+    // B's MAC is known from the peer table: unicast to it reaches B only.
+    for i in 0..10 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i, 1000));
+    }
+    round(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(b.tap.outbound.len(), 11);
+    assert_eq!(c.tap.outbound.len(), 1, "unicast leaked to the third peer");
+    assert_eq!(RingSnapshot::read(&r, 0, 2).tx_frames, 1);
+}
+
+#[test]
+fn test_learned_addresses_behind_a_peer_are_unicast_and_own_ones_dropped() {
+    let r = region(3, 64);
+    let (mut a, mut b, mut c) = (member(&r, 0), member(&r, 1), member(&r, 2));
+    round(&mut [&mut a, &mut b, &mut c]);
+    // A host bridged behind B (MAC X) talks: A learns X -> B.
+    let x = [2, 0xaa, 0, 0, 0, 1];
+    b.tap.inbound.push_back(frame([0xff; 6], x, 1, 60));
+    round(&mut [&mut a, &mut b, &mut c]);
+    a.tap.inbound.push_back(frame(x, mac(0), 2, 60));
+    round(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(b.tap.outbound.len(), 1);
+    assert_eq!(c.tap.outbound.len(), 1, "only the broadcast reached C");
+    // A frame to an address behind A itself is dropped, not flooded.
+    let y = [2, 0xbb, 0, 0, 0, 1];
+    a.tap.inbound.push_back(frame([0xff; 6], y, 3, 60));
+    round(&mut [&mut a, &mut b, &mut c]);
+    let before = (b.tap.outbound.len(), c.tap.outbound.len());
+    a.tap.inbound.push_back(frame(y, mac(0), 4, 60));
+    round(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!((b.tap.outbound.len(), c.tap.outbound.len()), before);
+}
+
+#[test]
+fn test_full_ring_holds_frames_back_instead_of_dropping_them() {
+    let r = region(2, 16);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    // 200 frames of 3 segments each through a 16-segment ring: A must wait for B.
+    for i in 0..200u32 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i as u8, 5000));
+    }
+    let now = Instant::now();
+    for _ in 0..500 {
+        a.set_tap_readable();
+        a.tx(now);
+        a.publish(&mut NoDoorbells);
+        b.rx(now, &mut NoDoorbells);
+        b.publish(&mut NoDoorbells);
+        if b.tap.outbound.len() == 200 {
+            break;
+        }
+    }
+    assert_eq!(b.tap.outbound.len(), 200);
+    for (i, f) in b.tap.outbound.iter().enumerate() {
+        assert_eq!(f, &frame(mac(1), mac(0), i as u8, 5000), "frame {i}");
+    }
+    assert_eq!(RingSnapshot::read(&r, 0, 1).tx_drop_full, 0);
+}
+
+#[test]
+fn test_nothing_from_a_restarted_peers_earlier_life_is_delivered() {
+    let r = region(2, 64);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    // A queues frames, then "dies" before B reads them; a new A takes the slot.
+    for i in 0..5 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i, 100));
+    }
+    a.set_tap_readable();
+    a.tx(Instant::now());
+    a.publish(&mut NoDoorbells);
+    drop(a);
+    let mut a2 = member(&r, 0);
+    a2.tap.inbound.push_back(frame(mac(1), mac(0), 99, 100));
+    round(&mut [&mut a2, &mut b]);
+    round(&mut [&mut a2, &mut b]);
+    assert_eq!(b.tap.outbound, vec![frame(mac(1), mac(0), 99, 100)]);
+    assert_eq!(RingSnapshot::read(&r, 0, 1).rx_drop_stale, 5);
+}
+
+#[test]
+fn test_frames_to_a_peer_that_left_are_counted_not_queued() {
+    let r = region(2, 64);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    b.leave();
+    a.force_housekeeping();
+    a.housekeeping(Instant::now(), &mut NoDoorbells).unwrap();
+    a.tap.inbound.push_back(frame(mac(1), mac(0), 1, 100));
+    a.set_tap_readable();
+    a.tx(Instant::now());
+    a.publish(&mut NoDoorbells);
+    // B's address was forgotten with its link: the frame is flooded to nobody and counted.
+    assert_eq!(RingSnapshot::read(&r, 0, 1).tx_frames, 0);
+    assert_eq!(r.peer(0).counter(PeerCounter::DropNoPeer), 1);
+}
+
+/// Records doorbells instead of ringing them.
+#[derive(Default)]
+struct Recorder(Vec<(u32, u16)>);
+
+impl Notifier for Recorder {
+    fn notify(&mut self, peer: u32, vector: u16) -> bool {
+        self.0.push((peer, vector));
+        true
+    }
+}
+
+#[test]
+fn test_doorbell_only_for_a_sleeping_consumer() {
+    let r = region(2, 64);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    let mut bells = Recorder::default();
+    // B is busy (not waiting): no doorbell.
+    a.tap.inbound.push_back(frame(mac(1), mac(0), 1, 100));
+    a.set_tap_readable();
+    a.tx(Instant::now());
+    a.publish(&mut bells);
+    assert!(bells.0.is_empty());
+    b.rx(Instant::now(), &mut NoDoorbells);
+    b.publish(&mut NoDoorbells);
+    // B goes to sleep: the next frame rings it, on the data vector.
+    assert!(!b.prepare_to_sleep());
+    a.tap.inbound.push_back(frame(mac(1), mac(0), 2, 100));
+    a.set_tap_readable();
+    a.tx(Instant::now());
+    a.publish(&mut bells);
+    assert_eq!(bells.0, vec![(1, VECTOR_DATA)]);
+    // Data arrived: B must not sleep.
+    assert!(b.prepare_to_sleep());
+}
