@@ -159,6 +159,10 @@ pub struct AgentArgs {
     /// Default 100.
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u64>,
+    /// Without doorbells, the poll interval backs off to this when there has been no traffic
+    /// for 200 ms (any frame returns it to --poll-us at once), in µs. Default 2000.
+    #[arg(long, value_name = "US")]
+    pub poll_idle_us: Option<u64>,
     /// A peer whose heartbeat stops for this long is marked down, in ms. Default 1000.
     #[arg(long, value_name = "MS")]
     pub link_timeout_ms: Option<u64>,
@@ -245,6 +249,7 @@ struct FileConfig {
     mac: Option<String>,
     address: Option<Vec<String>>,
     poll_us: Option<u64>,
+    poll_idle_us: Option<u64>,
     link_timeout_ms: Option<u64>,
     socket: Option<PathBuf>,
     spin_us: Option<u64>,
@@ -295,6 +300,8 @@ pub struct AgentConfig {
     pub addresses: Vec<Cidr>,
     /// Poll interval without doorbells.
     pub poll: Duration,
+    /// Longest poll interval when idle.
+    pub poll_idle: Duration,
     /// Link timeout.
     pub link_timeout: Duration,
     /// Busy-poll window after activity (doorbell backends).
@@ -310,6 +317,8 @@ pub const DEFAULT_TAP: &str = "tap-shm";
 pub const DEFAULT_MTU: u32 = 1500;
 /// Default poll interval in µs.
 pub const DEFAULT_POLL_US: u64 = 100;
+/// Default idle poll interval in µs.
+pub const DEFAULT_POLL_IDLE_US: u64 = 2000;
 /// Default link timeout in ms.
 pub const DEFAULT_LINK_TIMEOUT_MS: u64 = 1000;
 
@@ -394,6 +403,13 @@ impl AgentConfig {
         if !(1..=1_000_000).contains(&poll_us) {
             return Err(invalid("poll-us", format!("{poll_us} is out of range: use 1..=1000000")));
         }
+        let poll_idle_us = args.poll_idle_us.or(file.poll_idle_us).unwrap_or(DEFAULT_POLL_IDLE_US);
+        if !(1..=1_000_000).contains(&poll_idle_us) {
+            return Err(invalid(
+                "poll-idle-us",
+                format!("{poll_idle_us} is out of range: use 1..=1000000"),
+            ));
+        }
         let timeout_ms =
             args.link_timeout_ms.or(file.link_timeout_ms).unwrap_or(DEFAULT_LINK_TIMEOUT_MS);
         if !(50..=600_000).contains(&timeout_ms) {
@@ -411,6 +427,7 @@ impl AgentConfig {
             mac,
             addresses,
             poll: Duration::from_micros(poll_us),
+            poll_idle: Duration::from_micros(poll_idle_us),
             link_timeout: Duration::from_millis(timeout_ms),
             spin: Duration::from_micros(spin_us),
         })

@@ -79,6 +79,9 @@ pub struct Wakeups {
     pub control: Option<(RawFd, ControlHandler)>,
 }
 
+/// Without doorbells, how long after the last frame the poll interval starts to back off.
+const POLL_BACKOFF_AFTER: Duration = Duration::from_millis(200);
+
 const TOKEN_TAP: Token = Token(0);
 const TOKEN_TIMER: Token = Token(1);
 const TOKEN_SIGNAL: Token = Token(2);
@@ -214,6 +217,7 @@ fn event_loop(
     let mut left = Vec::with_capacity(8);
     let mut last_work = Instant::now();
     let mut sleeping = false;
+    let mut poll_interval = cfg.poll;
     loop {
         let now = Instant::now();
         let notifier: &mut dyn Notifier = match wakeups.as_mut() {
@@ -225,6 +229,19 @@ fn event_loop(
         dp.publish(notifier);
         if work > 0 {
             last_work = now;
+        }
+        if wakeups.is_none() {
+            // Polling: fast while there is traffic, backing off to --poll-idle-us when idle so
+            // an idle agent costs little CPU. Re-armed only when the interval changes.
+            let want = if now.duration_since(last_work) < POLL_BACKOFF_AFTER {
+                cfg.poll
+            } else {
+                (poll_interval * 2).min(cfg.poll_idle.max(cfg.poll))
+            };
+            if want != poll_interval {
+                poll_interval = want;
+                timer.set_periodic(Some(poll_interval)).map_err(evloop("arm the poll timer"))?;
+            }
         }
         let timeout = if work > 0 || dp.tap_backlog() {
             Some(Duration::ZERO)
