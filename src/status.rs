@@ -48,6 +48,8 @@ pub struct PeerCounters {
     pub drop_runt: u64,
     /// Local interface errors.
     pub local_io_errors: u64,
+    /// Frames the kernel dropped before the agent read them (TAP tx_dropped).
+    pub local_kernel_drops: u64,
 }
 
 /// Doorbell counters of a peer.
@@ -128,6 +130,7 @@ impl Status {
                         drop_oversize: c(PeerCounter::DropOversize),
                         drop_runt: c(PeerCounter::DropRunt),
                         local_io_errors: c(PeerCounter::LocalIoErrors),
+                        local_kernel_drops: c(PeerCounter::LocalKernelDrops),
                     },
                     doorbells: DoorbellCounters {
                         rung: d(DoorbellCounter::Rung),
@@ -205,7 +208,11 @@ impl Status {
                 None => "-".into(),
             };
             let c = &p.counters;
-            let drops = c.drop_no_peer + c.drop_to_self + c.drop_oversize + c.drop_runt;
+            let drops = c.drop_no_peer
+                + c.drop_to_self
+                + c.drop_oversize
+                + c.drop_runt
+                + c.local_kernel_drops;
             let _ = writeln!(
                 s,
                 "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6}  {:>10} {:>10} {:>8}",
@@ -221,6 +228,13 @@ impl Status {
                 c.local_tx_frames,
                 drops
             );
+            if drops > 0 {
+                let _ = writeln!(
+                    s,
+                    "      drops: no peer up {}, to self {}, oversize {}, runt {}, kernel (TAP read too slowly) {}",
+                    c.drop_no_peer, c.drop_to_self, c.drop_oversize, c.drop_runt, c.local_kernel_drops
+                );
+            }
             let d = &p.doorbells;
             if d.rung + d.suppressed + d.wakeups + d.spins_with_work > 0 {
                 let _ = writeln!(

@@ -19,6 +19,10 @@ pub trait FrameIo {
     fn send_from_ring(&mut self, cons: &Consumer, iov: &mut Vec<libc::iovec>) -> io::Result<usize>;
     /// The descriptor to wait on for readability, if any.
     fn raw_fd(&self) -> Option<RawFd>;
+    /// Frames the kernel dropped before we could read them, if it tells.
+    fn kernel_drops(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Why the TAP could not be set up. Each variant names the step and what to check.
@@ -161,6 +165,12 @@ impl FrameIo for Tap {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.iface.as_raw_fd())
+    }
+
+    fn kernel_drops(&self) -> Option<u64> {
+        // The TAP's transmit side is the kernel handing frames to us.
+        let path = format!("/sys/class/net/{}/statistics/tx_dropped", self.name);
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 }
 

@@ -125,6 +125,15 @@ pub fn attach_with_file(
                 source,
             })?;
             log::info!("created region file {} of {size} bytes", path.display());
+        } else if let Some(size) = size.filter(|&s| s > len && is_blank(&file, len)) {
+            // Nobody initialised it (e.g. an earlier attempt with a too small --size): grow it
+            // rather than trap the user with the old size.
+            file.set_len(size).map_err(|source| FileBackendError::Size {
+                path: path.into(),
+                size,
+                source,
+            })?;
+            log::info!("grew blank region file {} from {len} to {size} bytes", path.display());
         } else if let Some(size) = size.filter(|&s| s != len) {
             log::info!(
                 "region file {} already exists with {len} bytes; using that, not --size {size}",
@@ -137,6 +146,13 @@ pub fn attach_with_file(
         .map_err(|source| FileBackendError::Map { path: path.into(), source })?;
     let region = Region::attach(Arc::new(map), &path.display().to_string(), req)?;
     Ok((file, region))
+}
+
+/// Whether the first page of the file is all zeros (no region header was ever written).
+fn is_blank(file: &File, len: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(4096) as usize];
+    file.read_exact_at(&mut buf, 0).is_ok() && buf.iter().all(|&b| b == 0)
 }
 
 /// Maps the region file at `path` read-only, for `status` (no write permission needed).

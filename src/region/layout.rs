@@ -239,6 +239,9 @@ pub enum PeerCounter {
     DropRunt,
     /// Errors reading or writing the local interface.
     LocalIoErrors,
+    /// Frames the kernel dropped on the way to us because we read the TAP too slowly (its
+    /// `tx_dropped`; TCP sees these as losses).
+    LocalKernelDrops,
 }
 
 /// Number of counter slots reserved in a peer entry.

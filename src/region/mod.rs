@@ -91,6 +91,18 @@ pub enum RegionError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// Not even the header fits.
+    #[error(
+        "{name}: {size} bytes is too small for an ivnet region (the header alone takes \
+         {header} bytes): use a larger --size",
+        header = layout::HEADER_SIZE
+    )]
+    TooSmallForHeader {
+        /// Region name.
+        name: String,
+        /// Its size.
+        size: usize,
+    },
     /// A read-only view cannot initialise a blank region.
     #[error("{name}: the region is blank (no ivnet member has initialised it yet)")]
     Blank {
@@ -383,16 +395,7 @@ impl Region {
 
 fn check_magic(raw: &RawRegion, name: &str) -> Result<(), RegionError> {
     if raw.len() < layout::HEADER_SIZE {
-        return Err(RegionError::Geometry {
-            name: name.into(),
-            source: GeometryError::TooSmall {
-                size: raw.len() as u64,
-                needed: layout::HEADER_SIZE as u64,
-                max_peers: 0,
-                slots: 0,
-                slot_size: 0,
-            },
-        });
+        return Err(RegionError::TooSmallForHeader { name: name.into(), size: raw.len() });
     }
     let magic = raw.u64_at(hdr::MAGIC).load(Ordering::Relaxed);
     if magic != 0 && magic != MAGIC {
