@@ -5,6 +5,7 @@
 //! [`datapath`].
 
 pub mod datapath;
+pub mod frame;
 pub mod link;
 pub mod switch;
 pub mod tap;
