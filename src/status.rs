@@ -236,10 +236,10 @@ impl Status {
                 );
             }
             let d = &p.doorbells;
-            if d.rung + d.suppressed + d.wakeups + d.spins_with_work > 0 {
+            if let Some(id) = e.doorbell_id {
                 let _ = writeln!(
                     s,
-                    "      doorbells: rung {} suppressed {} wake-ups {} spins with work {}",
+                    "      doorbell id {id}: rung {} suppressed {} wake-ups {} spins with work {}",
                     d.rung, d.suppressed, d.wakeups, d.spins_with_work
                 );
             }

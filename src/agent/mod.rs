@@ -70,7 +70,8 @@ pub type ControlHandler = Box<dyn FnMut(&mut Vec<u32>) -> io::Result<()>>;
 /// Doorbell sources a backend may provide: our own doorbells to wait on, a notifier to ring
 /// peers, and a control channel that reports peers leaving.
 pub struct Wakeups {
-    /// Our own doorbells, one per vector (readable when rung).
+    /// Our own doorbells, one per vector (readable when rung). Empty: we cannot be woken, so
+    /// we poll, but still ring the others (the sysfs backend).
     pub own: Vec<EventFd>,
     /// Rings other peers.
     pub notifier: Box<dyn Notifier>,
@@ -205,8 +206,10 @@ fn event_loop(
             reg.register(&mut SourceFd(fd), TOKEN_CONTROL, Interest::READABLE)
                 .map_err(evloop("register the control socket"))?;
         }
-    } else {
-        // No doorbells: poll the rings at the configured interval.
+    }
+    // Without doorbells of our own nobody can wake us: poll the rings (we may still ring others).
+    let polling = wakeups.as_ref().is_none_or(|w| w.own.is_empty());
+    if polling {
         timer.set_periodic(Some(cfg.poll)).map_err(evloop("arm the poll timer"))?;
     }
     if let Some(w) = wakeups.as_mut() {
@@ -231,7 +234,7 @@ fn event_loop(
         if work > 0 {
             last_work = now;
         }
-        if wakeups.is_none() {
+        if polling {
             // Polling: fast while there is traffic, backing off to --poll-idle-us when idle so
             // an idle agent costs little CPU. Re-armed only when the interval changes.
             let want = if now.duration_since(last_work) < POLL_BACKOFF_AFTER {
@@ -246,7 +249,7 @@ fn event_loop(
         }
         let timeout = if work > 0 || dp.tap_backlog() {
             Some(Duration::ZERO)
-        } else if wakeups.is_some() {
+        } else if !polling {
             if dp.is_blocked() {
                 // Waiting for ring space: the consumer rings us when it frees some, but poll
                 // too in case it is an older peer that does not.

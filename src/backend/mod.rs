@@ -28,16 +28,24 @@ pub trait Registers {
     fn write_u32(&self, off: u64, v: u32) -> io::Result<()>;
 }
 
-/// Rings peers through the ivshmem Doorbell register: `peer << 16 | vector` (QEMU delivers it
-/// to that peer's MSI-X vector).
-pub struct DoorbellRegister<R: Registers>(pub R);
+/// Rings peers through the ivshmem Doorbell register: `id << 16 | vector` (QEMU delivers it
+/// to that peer's MSI-X vector), where `id` is the doorbell id the server paired with the
+/// peer's slot.
+pub struct DoorbellRegister<R: Registers> {
+    /// BAR0.
+    pub registers: R,
+    /// The region, for the slot -> doorbell id table.
+    pub region: Region,
+}
 
 impl<R: Registers> Notifier for DoorbellRegister<R> {
     fn notify(&mut self, peer: u32, vector: u16) -> bool {
-        if peer > 0xffff {
-            return false;
+        match self.region.peer(peer).doorbell_id() {
+            Some(id) if id <= 0xffff => {
+                self.registers.write_u32(REG_DOORBELL, (id << 16) | vector as u32).is_ok()
+            }
+            _ => false,
         }
-        self.0.write_u32(REG_DOORBELL, (peer << 16) | vector as u32).is_ok()
     }
 }
 
@@ -45,7 +53,8 @@ impl<R: Registers> Notifier for DoorbellRegister<R> {
 pub struct PciMember {
     /// The region (BAR2).
     pub region: Region,
-    /// The peer id the device imposes (IVPosition of an ivshmem-doorbell), if any.
+    /// The peer slot the device imposes (the slot the server paired with the device's
+    /// IVPosition, for an ivshmem-doorbell), if any.
     pub assigned_id: Option<u32>,
     /// Doorbells, when MSI-X works (VFIO); `None` means poll.
     pub wakeups: Option<Wakeups>,
@@ -89,29 +98,21 @@ pub fn open_pci(
     let vfio_reason = match dev.ensure_vfio(bind) {
         Ok(group) => match vfio::VfioDevice::open(&dev, group, req, 2) {
             Ok(v) => {
-                let assigned_id = dev.is_doorbell().then(|| v.ivposition());
                 let region = v.region.clone();
-                if v.vectors.is_empty() {
-                    return Ok(PciMember {
-                        region,
-                        assigned_id,
-                        wakeups: None,
-                        backend: "vfio (polling, no MSI-X)",
-                    });
-                }
-                let own = v.vectors.into_iter().collect();
-                let wakeups = Wakeups {
-                    own,
-                    notifier: Box::new(DoorbellRegister(v.registers)),
+                let assigned_id = slot_for(&region, dev.is_doorbell().then(|| v.ivposition()));
+                let backend =
+                    if v.vectors.is_empty() { "vfio (polling, no MSI-X)" } else { "vfio (MSI-X)" };
+                // Without MSI-X we poll but can still ring peers that sleep on theirs.
+                let wakeups = dev.is_doorbell().then(|| Wakeups {
+                    own: v.vectors,
+                    notifier: Box::new(DoorbellRegister {
+                        registers: v.registers,
+                        region: region.clone(),
+                    }),
                     spin,
                     control: None,
-                };
-                return Ok(PciMember {
-                    region,
-                    assigned_id,
-                    wakeups: Some(wakeups),
-                    backend: "vfio (MSI-X)",
                 });
+                return Ok(PciMember { region, assigned_id, wakeups, backend });
             }
             Err(vfio::VfioError::Region(e)) => {
                 return Err(PciBackendError::Sysfs {
@@ -128,8 +129,30 @@ pub fn open_pci(
     );
     let s = sysfs::SysfsDevice::open(&dev, req)
         .map_err(|source| PciBackendError::Sysfs { vfio: vfio_reason.clone(), source })?;
-    let assigned_id = dev.is_doorbell().then(|| s.ivposition());
-    Ok(PciMember { region: s.region, assigned_id, wakeups: None, backend: "sysfs (polling)" })
+    let assigned_id = slot_for(&s.region, dev.is_doorbell().then(|| s.ivposition()));
+    // We get no interrupts, but can still ring peers that sleep on theirs.
+    let wakeups = dev.is_doorbell().then(|| Wakeups {
+        own: Vec::new(),
+        notifier: Box::new(DoorbellRegister { registers: s.registers, region: s.region.clone() }),
+        spin,
+        control: None,
+    });
+    Ok(PciMember { region: s.region, assigned_id, wakeups, backend: "sysfs (polling)" })
+}
+
+/// The slot the doorbell server paired with this device's IVPosition. Without a pairing (a
+/// region not served by `ivnet server`) the agent claims a free slot itself.
+fn slot_for(region: &Region, ivposition: Option<u32>) -> Option<u32> {
+    let id = ivposition?;
+    let slot = region.slot_of_doorbell_id(id);
+    match slot {
+        Some(s) => log::info!("IVPosition {id} is peer slot {s}"),
+        None => log::warn!(
+            "IVPosition {id} is not paired with a peer slot in the region (not an ivnet server?); \
+             claiming a free slot instead"
+        ),
+    }
+    slot
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

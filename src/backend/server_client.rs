@@ -84,12 +84,17 @@ impl PeerDoorbells {
 }
 
 /// Rings peers through their eventfds.
-pub struct EventFdNotifier(pub Rc<RefCell<PeerDoorbells>>);
+pub struct EventFdNotifier {
+    peers: Rc<RefCell<PeerDoorbells>>,
+    region: Region,
+}
 
 impl Notifier for EventFdNotifier {
     fn notify(&mut self, peer: u32, vector: u16) -> bool {
-        let peers = self.0.borrow();
-        match peers.peers.get(&peer).and_then(|v| v.get(vector as usize)) {
+        // Peers are addressed by slot; the server's table in the region gives their doorbell id.
+        let Some(id) = self.region.peer(peer).doorbell_id() else { return false };
+        let peers = self.peers.borrow();
+        match peers.peers.get(&id).and_then(|v| v.get(vector as usize)) {
             Some(e) => e.signal().is_ok(),
             None => false,
         }
@@ -98,8 +103,10 @@ impl Notifier for EventFdNotifier {
 
 /// A session with the doorbell server.
 pub struct ServerSession {
-    /// Our peer id, assigned by the server.
+    /// Our peer id (slot in the peer table), paired by the server with our doorbell id.
     pub id: u32,
+    /// Our doorbell id (what QEMU calls the peer id; in protocol messages).
+    pub doorbell_id: u32,
     /// The region (initialised by the server).
     pub region: Region,
     /// Our own doorbells, one per vector: readable when a peer rings us.
@@ -180,7 +187,8 @@ impl ServerSession {
         if !(0..=MAX_PEER_ID as i64).contains(&idm.value) {
             return Err(proto(format!("peer id {} is out of range", idm.value)));
         }
-        let id = idm.value as u32;
+        let doorbell_id = idm.value as u32;
+        let id = doorbell_id;
         let shm = next(&mut reader, deadline)?.ok_or_else(timeout)?;
         let (-1, Some(shm_fd)) = (shm.value, shm.fd) else {
             return Err(proto(format!(
@@ -223,14 +231,22 @@ impl ServerSession {
             .map_err(|source| ServerClientError::Map { path: path.into(), source })?;
         let name = format!("{} (via {})", "server region", path.display());
         let region = Region::attach(Arc::new(map), &name, req)?;
+        let Some(slot) = region.slot_of_doorbell_id(doorbell_id) else {
+            return Err(proto(format!(
+                "doorbell id {doorbell_id} is not paired with a peer slot in the region \
+                 (is this an ivnet server? QEMU's example server does not keep the table)"
+            )));
+        };
         log::info!(
-            "doorbell server {} gave us peer id {id}, {} vectors, {} peers present",
+            "doorbell server {} gave us doorbell id {doorbell_id} and peer slot {slot}, {} vectors, \
+             {} peers present",
             path.display(),
             own.len(),
             peers.peers.len()
         );
         Ok(ServerSession {
-            id,
+            id: slot,
+            doorbell_id,
             region,
             own,
             peers: Rc::new(RefCell::new(peers)),
@@ -242,13 +258,13 @@ impl ServerSession {
 
     /// The notifier that rings other peers.
     pub fn notifier(&self) -> EventFdNotifier {
-        EventFdNotifier(self.peers.clone())
+        EventFdNotifier { peers: self.peers.clone(), region: self.region.clone() }
     }
 
     /// Splits off the connection as a control handler: it follows joins and leaves, reporting the
-    /// ids of peers that left. If the server goes away, peers keep talking (no new joins).
+    /// slots of peers that left. If the server goes away, peers keep talking (no new joins).
     pub fn into_control(self) -> (RawFd, ControlHandler, Vec<EventFd>, Rc<RefCell<PeerDoorbells>>) {
-        let ServerSession { id, stream, mut reader, peers, own, path, .. } = self;
+        let ServerSession { doorbell_id, stream, mut reader, peers, own, path, region, .. } = self;
         let fd = stream.as_raw_fd();
         let peers2 = peers.clone();
         let mut closed = false;
@@ -271,7 +287,7 @@ impl ServerSession {
                     }
                     ReadOutcome::Message(Message { value, fd }) => {
                         let Ok(pid) = u32::try_from(value) else { continue };
-                        if pid == id || pid > MAX_PEER_ID {
+                        if pid == doorbell_id || pid > MAX_PEER_ID {
                             continue; // extra own vectors, or nonsense: ignore (fd closes)
                         }
                         match fd {
@@ -280,12 +296,16 @@ impl ServerSession {
                                 let fresh = !p.peers.contains_key(&pid);
                                 p.add(pid, fd)?;
                                 if fresh {
-                                    log::info!("doorbell server: peer {pid} joined");
+                                    log::info!("doorbell server: doorbell id {pid} joined");
                                 }
                             }
                             None => {
                                 peers2.borrow_mut().remove(pid);
-                                left.push(pid);
+                                // Report the slot; if the server already gave it to a newcomer,
+                                // that one shows up as a restart instead.
+                                if let Some(slot) = region.slot_of_doorbell_id(pid) {
+                                    left.push(slot);
+                                }
                             }
                         }
                     }

@@ -25,6 +25,20 @@ pub enum SysfsError {
         #[source]
         source: io::Error,
     },
+    /// vfio-pci holds the device's BARs (an agent uses the device through VFIO), so sysfs cannot
+    /// map them.
+    #[error(
+        "cannot map {path}: the device is bound to vfio-pci, which claims its BARs exclusively \
+         while they are in use (by an `ivnet agent` on VFIO, for instance); read the status on \
+         the host instead: ivnet status --shm REGION_FILE"
+    )]
+    HeldByVfio {
+        /// Resource file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// The region is not usable.
     #[error(transparent)]
     Region(#[from] RegionError),
@@ -84,7 +98,13 @@ impl SysfsDevice {
         let path = dev.path.join("resource2");
         let err = |source| SysfsError::Map { path: path.clone(), source };
         let f = std::fs::File::open(&path).map_err(err)?;
-        let map = memmap2::MmapOptions::new().map_raw_read_only(&f).map_err(err)?;
+        let map = memmap2::MmapOptions::new().map_raw_read_only(&f).map_err(|source| {
+            if dev.driver.as_deref() == Some("vfio-pci") {
+                SysfsError::HeldByVfio { path: path.clone(), source }
+            } else {
+                err(source)
+            }
+        })?;
         let name = format!("ivshmem {} (sysfs)", dev.addr);
         Ok(Region::open_read_only(Arc::new(crate::region::raw::ReadOnlyMapping(map)), &name)?)
     }

@@ -104,6 +104,11 @@ pub mod peer {
     pub const FEATURES: usize = 44;
     /// u32 kind of member (agent, stack, ...), informational.
     pub const KIND: usize = 48;
+    /// u32 doorbell id + 1 (0: none) the doorbell server gave the client it put in this slot:
+    /// the id QEMU knows the member by (IVPosition, Doorbell register, protocol messages).
+    /// Written by the server only. Doorbell ids are never reused promptly (QEMU cannot take a
+    /// reused id), slots are; this field maps one to the other.
+    pub const DOORBELL_ID: usize = 52;
     /// u64 token of the owner's host and pid namespace (0: unknown): a claimer on the same host
     /// can tell at once that an owner whose pid no longer exists is dead.
     pub const HOST: usize = 56;

@@ -387,6 +387,11 @@ impl Region {
         )
     }
 
+    /// The slot the doorbell server paired with doorbell id `id`, if any.
+    pub fn slot_of_doorbell_id(&self, id: u32) -> Option<u32> {
+        (0..self.layout.geometry.max_peers).find(|&s| self.peer(s).doorbell_id() == Some(id))
+    }
+
     /// The peer-table entry of `id` (`id < max_peers`).
     pub fn peer(&self, id: u32) -> PeerSlot<'_> {
         PeerSlot { raw: &self.raw, base: self.layout.peer(id) }
@@ -444,6 +449,8 @@ pub struct PeerSnapshot {
     pub mtu: u32,
     /// Features.
     pub features: u32,
+    /// Doorbell id the server paired with this slot.
+    pub doorbell_id: Option<u32>,
 }
 
 impl<'r> PeerSlot<'r> {
@@ -541,6 +548,19 @@ impl<'r> PeerSlot<'r> {
         self.u64f(peer::DOORBELL_COUNTERS + c as usize * 8).load(Ordering::Relaxed)
     }
 
+    /// The doorbell id the server assigned with this slot, if any.
+    pub fn doorbell_id(&self) -> Option<u32> {
+        // Acquire: pairs with the server's release store, made before it told anyone the id.
+        let v = self.u32f(peer::DOORBELL_ID).load(Ordering::Acquire);
+        v.checked_sub(1)
+    }
+
+    /// Records the doorbell id of the client the server put in this slot (server only).
+    pub fn set_doorbell_id(&self, id: Option<u32>) {
+        let v = id.map_or(0, |i| i.wrapping_add(1));
+        self.u32f(peer::DOORBELL_ID).store(v, Ordering::Release);
+    }
+
     /// The owner's host token and pid, for the same-host liveness shortcut.
     pub fn owner(&self) -> (u64, u32) {
         (
@@ -561,6 +581,7 @@ impl<'r> PeerSlot<'r> {
             mac: self.mac(),
             mtu: self.u32f(peer::MTU).load(Ordering::Relaxed),
             features: self.u32f(peer::FEATURES).load(Ordering::Relaxed),
+            doorbell_id: self.doorbell_id(),
         }
     }
 }

@@ -9,7 +9,7 @@
 
 pub mod protocol;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -24,7 +24,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::backend::file::{self, FileBackendError};
 use crate::region::GeometryRequest;
 use crate::sys::{EventFd, SignalFd};
-use protocol::{MessageQueue, MAX_VECTORS, PROTOCOL_VERSION};
+use protocol::{MessageQueue, MAX_PEER_ID, MAX_VECTORS, PROTOCOL_VERSION};
 
 /// Why the server could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,10 @@ pub struct ServerConfig {
 pub const DEFAULT_VECTORS: u32 = 2;
 
 struct Client {
+    /// Doorbell id (what QEMU calls the peer id).
     id: u32,
+    /// Peer-table slot in the region.
+    slot: u32,
     stream: UnixStream,
     vectors: Vec<Arc<OwnedFd>>,
     out: MessageQueue,
@@ -143,7 +146,9 @@ fn peer_pid(stream: &UnixStream) -> Option<u32> {
 pub struct Server {
     cfg: ServerConfig,
     shm: Arc<OwnedFd>,
+    region: crate::region::Region,
     max_peers: u32,
+    next_id: u32,
     listener: UnixListener,
     clients: BTreeMap<usize, Client>,
     next_token: usize,
@@ -175,6 +180,8 @@ impl Server {
         Ok(Server {
             shm: Arc::new(OwnedFd::from(f)),
             max_peers: g.max_peers,
+            region,
+            next_id: 0,
             cfg,
             listener,
             clients: BTreeMap::new(),
@@ -227,9 +234,21 @@ impl Server {
         }
     }
 
-    fn lowest_free_id(&self) -> Option<u32> {
-        let used: std::collections::BTreeSet<u32> = self.clients.values().map(|c| c.id).collect();
-        (0..self.max_peers).find(|id| !used.contains(id))
+    /// The next doorbell id: ids count up and wrap at 65536, skipping ids in use. They are not
+    /// reused promptly because QEMU (7.2 at least) corrupts its heap when an id it saw leave
+    /// joins again; QEMU's own server counts up the same way.
+    fn next_doorbell_id(&mut self) -> Option<u32> {
+        let used: BTreeSet<u32> = self.clients.values().map(|c| c.id).collect();
+        let n = MAX_PEER_ID + 1;
+        let id = (0..n).map(|k| (self.next_id + k) % n).find(|id| !used.contains(id))?;
+        self.next_id = (id + 1) % n;
+        Some(id)
+    }
+
+    /// The lowest peer-table slot no connected client holds.
+    fn free_slot(&self) -> Option<u32> {
+        let used: BTreeSet<u32> = self.clients.values().map(|c| c.slot).collect();
+        (0..self.max_peers).find(|s| !used.contains(s))
     }
 
     fn accept_all(&mut self, poll: &Poll) {
@@ -251,8 +270,12 @@ impl Server {
     fn admit(&mut self, poll: &Poll, mut stream: UnixStream) {
         let pid = peer_pid(&stream);
         let who = pid.map_or_else(|| "unknown pid".to_string(), |p| format!("pid {p}"));
-        let Some(id) = self.lowest_free_id() else {
-            log::warn!("refusing a client ({who}): all {} peer ids are in use", self.max_peers);
+        let Some(slot) = self.free_slot() else {
+            log::warn!("refusing a client ({who}): all {} peer slots are in use", self.max_peers);
+            return;
+        };
+        let Some(id) = self.next_doorbell_id() else {
+            log::warn!("refusing a client ({who}): all doorbell ids are in use");
             return;
         };
         let mut vectors = Vec::with_capacity(self.cfg.vectors as usize);
@@ -275,6 +298,8 @@ impl Server {
             log::warn!("refusing a client ({who}): cannot register it: {e}");
             return;
         }
+        // Record which slot goes with this id before anyone hears of the id (release store).
+        self.region.peer(slot).set_doorbell_id(Some(id));
         let mut out = MessageQueue::default();
         out.push(PROTOCOL_VERSION, None);
         out.push(id as i64, None);
@@ -296,8 +321,8 @@ impl Server {
                 }
             }
         }
-        log::info!("peer {id} joined ({who})");
-        self.clients.insert(token, Client { id, stream, vectors, out, pid });
+        log::info!("peer {id} joined ({who}) in peer slot {slot}");
+        self.clients.insert(token, Client { id, slot, stream, vectors, out, pid });
         self.flush(poll, token);
         for t in tokens {
             self.flush(poll, t);
@@ -329,7 +354,7 @@ impl Server {
         let mut buf = [0u8; 64];
         match c.stream.read(&mut buf) {
             Ok(0) => {
-                log::info!("peer {} left", c.id);
+                log::info!("peer {} left (peer slot {})", c.id, c.slot);
                 self.remove(poll, token);
             }
             Ok(n) => {
@@ -343,7 +368,7 @@ impl Server {
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                log::info!("peer {} left ({e})", c.id);
+                log::info!("peer {} left (peer slot {}): {e}", c.id, c.slot);
                 self.remove(poll, token);
             }
         }
@@ -355,7 +380,11 @@ impl Server {
         let tokens: Vec<usize> = self.clients.keys().copied().collect();
         for &t in &tokens {
             if let Some(o) = self.clients.get_mut(&t) {
-                o.out.push(c.id as i64, None);
+                // A client that has not begun to receive the join is spared both join and leave
+                // (so a client that does not read cannot make us hold departed peers' fds).
+                if !o.out.withdraw(&c.vectors) {
+                    o.out.push(c.id as i64, None);
+                }
             }
         }
         log::debug!("peer {} (pid {:?}) removed; {} peers remain", c.id, c.pid, self.clients.len());

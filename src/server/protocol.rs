@@ -113,6 +113,22 @@ impl MessageQueue {
         self.queue.is_empty()
     }
 
+    /// Withdraws the queued messages that carry one of `fds` (a departed peer's eventfds) if
+    /// the client has not started to receive any of them. Returns true if the whole join was
+    /// withdrawn this way: the client never heard of that peer, so it needs no disconnect
+    /// notice either. This keeps what a client that does not read pins (memory, and descriptors
+    /// of peers long gone) bounded by the peers that are still present.
+    pub fn withdraw(&mut self, fds: &[Arc<OwnedFd>]) -> bool {
+        let carries =
+            |m: &Outgoing| m.fd.as_ref().is_some_and(|f| fds.iter().any(|x| Arc::ptr_eq(x, f)));
+        let queued = self.queue.iter().filter(|m| carries(m)).count();
+        if queued < fds.len() || self.queue.iter().any(|m| carries(m) && m.sent > 0) {
+            return false; // part of the join reached the client: it must hear the leave
+        }
+        self.queue.retain(|m| !carries(m));
+        true
+    }
+
     /// Sends as much as the socket takes. `Ok(true)` when the queue is empty.
     pub fn flush(&mut self, sock: RawFd) -> io::Result<bool> {
         while let Some(m) = self.queue.front_mut() {
@@ -159,5 +175,34 @@ mod tests {
         assert_eq!(got, vec![(0, false), (7, false), (-1, true), (3, true)]);
         drop(a);
         assert!(matches!(r.read(b.as_raw_fd()).unwrap(), ReadOutcome::Eof));
+    }
+
+    #[test]
+    fn test_withdraw_takes_back_only_joins_not_yet_started() {
+        let efd = || Arc::new(crate::sys::EventFd::new().unwrap().fd().try_clone().unwrap());
+        let (p1, p2) = ([efd(), efd()], [efd(), efd()]);
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut q = MessageQueue::default();
+        q.push(1, Some(p1[0].clone()));
+        q.push(1, Some(p1[1].clone()));
+        assert!(q.flush(a.as_raw_fd()).unwrap());
+        q.push(2, Some(p2[0].clone()));
+        q.push(2, Some(p2[1].clone()));
+        q.push(5, None);
+        // Peer 1's join went out: it stays announced (the caller queues its leave).
+        assert!(!q.withdraw(&p1));
+        // Peer 2's join was never started: withdrawn whole, the rest keeps its order.
+        assert!(q.withdraw(&p2));
+        assert_eq!(q.len(), 1);
+        assert!(q.flush(a.as_raw_fd()).unwrap());
+        drop(a);
+        let mut r = MessageReader::default();
+        let mut got = Vec::new();
+        b.set_nonblocking(true).unwrap();
+        while let ReadOutcome::Message(m) = r.read(b.as_raw_fd()).unwrap() {
+            got.push(m.value);
+        }
+        assert_eq!(got, vec![1, 1, 5]);
     }
 }
