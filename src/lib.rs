@@ -12,5 +12,6 @@ pub mod config;
 pub mod mac;
 pub mod region;
 pub mod server;
+pub mod stack;
 pub mod status;
 pub mod sys;

@@ -40,6 +40,12 @@ enum Command {
     ///
     /// Example: ivnet server --socket /run/ivnet.sock --shm /dev/shm/ivnet --size 64M
     Server(ServerArgs),
+    /// Be a host on a segment without privileges or a TAP (smoltcp): ping, echo servers, TCP
+    /// throughput tests, and forwarding a host port to a service on the segment. The common
+    /// options come before the tool.
+    ///
+    /// Example: ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.2/24 ping 10.0.0.1 -c 3
+    Stack(ivnet::stack::cli::StackArgs),
     /// Show a region's header, peers (state, MAC, incarnation, heartbeat age), ring fill and
     /// counters. Needs only read access to the region file (or, in a VM, to the device's BAR2).
     Status {
@@ -102,6 +108,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ivnet::server::Server::bind(cfg)?.run()?;
             Ok(())
         }
+        Command::Stack(args) => {
+            ivnet::stack::cli::run(&args)?;
+            Ok(())
+        }
         Command::Status { shm, device, json } => {
             let region = match (shm, device) {
                 (Some(shm), _) => backend::file::open_read_only(&shm)?,
@@ -128,11 +138,15 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ivnet: error: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
+            // One line for the error, then each cause that the lines above do not already say.
+            let mut said = e.to_string();
+            eprintln!("ivnet: error: {said}");
+            for cause in e.chain().skip(1) {
+                let text = cause.to_string();
+                if !said.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    said.push_str(&text);
+                }
             }
             ExitCode::FAILURE
         }

@@ -18,6 +18,9 @@ use crate::region::layout::{
 use crate::region::ring::{Consumer, Peek, Producer, PushError};
 use crate::region::{PeerState, Region};
 
+/// How stale the link view may be before a frame is dropped for lack of peers.
+const RESCAN_BEFORE_DROP: Duration = Duration::from_millis(5);
+
 /// Doorbell vector for link-state changes.
 pub const VECTOR_LINK: u16 = 0;
 /// Doorbell vector for data.
@@ -145,8 +148,16 @@ pub struct Datapath<T: FrameIo> {
     next_beat: Instant,
     /// Run the link checks on the next round whatever the time (a link-state doorbell rang).
     beat_due: bool,
+    /// When the peer table was last scanned.
+    last_scan: Instant,
+    /// When to read the interface's kernel counters next.
+    next_kernel_stats: Instant,
     corrupt_log: RateLimit,
     io_log: RateLimit,
+    /// Pull-style receive ([`Datapath::rx_next`]): the ring to look at first.
+    rx_cursor: usize,
+    /// Pull-style receive: frames taken from each ring since its tail was last published.
+    rx_taken: Vec<u32>,
 }
 
 impl<T: FrameIo> Datapath<T> {
@@ -196,8 +207,12 @@ impl<T: FrameIo> Datapath<T> {
             opts,
             next_beat: Instant::now(),
             beat_due: true,
+            last_scan: Instant::now(),
+            next_kernel_stats: Instant::now(),
             corrupt_log: RateLimit::new(),
             io_log: RateLimit::new(),
+            rx_cursor: 0,
+            rx_taken: vec![0; n as usize],
         }
     }
 
@@ -333,7 +348,7 @@ impl<T: FrameIo> Datapath<T> {
                 }
                 return self.unicast(peer, len, now);
             }
-            Forward::Flood => self.flood(len),
+            Forward::Flood => self.flood(len, now),
         }
         false
     }
@@ -365,7 +380,12 @@ impl<T: FrameIo> Datapath<T> {
     }
 
     /// Copies the frame to every peer whose link is up; a full ring drops its copy.
-    fn flood(&mut self, len: usize) {
+    fn flood(&mut self, len: usize, now: Instant) {
+        if self.links.up_count() == 0 && now.duration_since(self.last_scan) >= RESCAN_BEFORE_DROP {
+            // Nobody up as far as we know: a peer may have joined since the last heartbeat
+            // scan (right after start-up, typically). Look again before dropping the frame.
+            self.scan_links(now);
+        }
         let mut sent = 0;
         for peer in 0..self.producers.len() as u32 {
             if peer == self.claim.id || !self.links.is_up(peer) {
@@ -394,7 +414,17 @@ impl<T: FrameIo> Datapath<T> {
     pub fn rx(&mut self, now: Instant, notifier: &mut dyn Notifier) -> usize {
         let mut handled = 0;
         for src in 0..self.consumers.len() as u32 {
-            if src == self.claim.id || !self.links.is_up(src) {
+            if src == self.claim.id {
+                continue;
+            }
+            if !self.links.is_up(src) {
+                // A peer that joined since our last scan may already be sending: scan next round.
+                let slot = self.region.peer(src);
+                if slot.state() == PeerState::Up
+                    && slot.incarnation() != self.links.incarnation(src)
+                {
+                    self.beat_due = true;
+                }
                 continue;
             }
             // The producer's current incarnation: frames from any earlier life are dropped.
@@ -494,38 +524,45 @@ impl<T: FrameIo> Datapath<T> {
             });
         }
         slot.beat(crate::sys::wall_ms());
-        let Datapath { links, region, switch, stalled, pending, .. } = self;
-        let mut changed = false;
-        links.tick(region, now, |ev| {
-            changed = true;
-            match ev {
-                LinkEvent::Up { id, mac } => {
-                    log::info!("peer {id} ({}) is up", crate::mac::Mac(mac));
-                    switch.learn(mac, id, now);
-                    stalled[id as usize] = false;
-                }
-                LinkEvent::Restarted { id, mac } => {
-                    log::info!(
-                        "peer {id} ({}) restarted with a new incarnation",
-                        crate::mac::Mac(mac)
-                    );
-                    switch.forget_peer(id);
-                    switch.learn(mac, id, now);
-                    stalled[id as usize] = false;
-                }
-                LinkEvent::Down { id } => {
-                    log::info!("peer {id} is down");
-                    switch.forget_peer(id);
-                    if pending.is_some_and(|p| p.dst == id) {
-                        *pending = None;
-                    }
-                }
+        let _ = notifier;
+        self.scan_links(now);
+        if now >= self.next_kernel_stats {
+            self.next_kernel_stats = now + Duration::from_secs(1);
+            if let Some(d) = self.tap.kernel_drops() {
+                self.counters[PeerCounter::LocalKernelDrops as usize] = d;
+                self.counters_dirty = true;
             }
-        });
-        let _ = (changed, notifier);
+        }
         self.beat_due = false;
         self.next_beat = now + super::link::heartbeat_interval(self.opts.link_timeout);
         Ok(self.next_beat)
+    }
+
+    /// Reads the peer table and applies link changes (switch entries, stalled rings, a frame
+    /// held for a peer that went down).
+    fn scan_links(&mut self, now: Instant) {
+        self.last_scan = now;
+        let Datapath { links, region, switch, stalled, pending, .. } = self;
+        links.tick(region, now, |ev| match ev {
+            LinkEvent::Up { id, mac } => {
+                log::info!("peer {id} ({}) is up", crate::mac::Mac(mac));
+                switch.learn(mac, id, now);
+                stalled[id as usize] = false;
+            }
+            LinkEvent::Restarted { id, mac } => {
+                log::info!("peer {id} ({}) restarted with a new incarnation", crate::mac::Mac(mac));
+                switch.forget_peer(id);
+                switch.learn(mac, id, now);
+                stalled[id as usize] = false;
+            }
+            LinkEvent::Down { id } => {
+                log::info!("peer {id} is down");
+                switch.forget_peer(id);
+                if pending.is_some_and(|p| p.dst == id) {
+                    *pending = None;
+                }
+            }
+        });
     }
 
     /// Runs the link checks on the next round instead of at the next heartbeat (a peer rang our
@@ -585,6 +622,152 @@ impl<T: FrameIo> Datapath<T> {
             .iter_mut()
             .enumerate()
             .any(|(src, c)| links.is_up(src as u32) && c.as_mut().is_some_and(|c| c.has_data()))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Pull-style access, for a local side that is not a `FrameIo` (the smoltcp stack): the
+    // caller writes frames straight into the transmit buffer and reads received frames straight
+    // out of the ring. Switch, links, back-pressure and counters are the same as for `tx`/`rx`.
+    // -----------------------------------------------------------------------------------------
+
+    /// The largest Ethernet frame (without FCS) the local side may send or receive: MTU + 18.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_eth
+    }
+
+    /// Retries the frame held back by back-pressure, if any. Returns true when a new frame can
+    /// be taken ([`Datapath::tx_buffer`] will hand out the buffer).
+    pub fn tx_ready(&mut self, now: Instant) -> bool {
+        self.retry_pending(now)
+    }
+
+    /// The preallocated transmit buffer, `len` bytes long, for the local side to write one frame
+    /// into; send it with [`Datapath::tx_commit`]. `None` while a frame is held back by
+    /// back-pressure, or when `len` exceeds [`Datapath::max_frame_len`].
+    pub fn tx_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        if self.pending.is_some() || len > self.max_eth {
+            return None;
+        }
+        Some(&mut self.buf[..len])
+    }
+
+    /// Sends the frame just written into [`Datapath::tx_buffer`]`(len)` through the switch,
+    /// exactly as a frame read from a TAP. Returns true if it is held back because its ring is
+    /// full: it goes out on a later [`Datapath::tx_ready`], and no new frame is taken until then.
+    pub fn tx_commit(&mut self, len: usize, now: Instant) -> bool {
+        if self.pending.is_some() || len > self.max_eth {
+            // No buffer was handed out for this frame: nothing to send.
+            return self.pending.is_some();
+        }
+        self.forward_local(len, now)
+    }
+
+    /// Counts a frame the local side had to discard because a frame was held back (its ring
+    /// was full), against that ring's full-drop counter.
+    pub fn count_held_back_drop(&mut self) {
+        if let Some(p) = self.pending {
+            if let Some(prod) = self.producers[p.dst as usize].as_mut() {
+                prod.count_drop_full();
+            }
+        }
+    }
+
+    /// Takes the next frame addressed to us from the ring of an up peer (round robin across
+    /// peers), learns where its source MAC lives, and hands the ring's consumer to `deliver`,
+    /// which reads the frame out (e.g. with [`Consumer::copy_frame`] into its own buffer) and
+    /// returns its length, or 0 if it could not take it (counted as a delivery drop; the next
+    /// frame is tried). Returns the delivered length, or `None` when no ring has a frame.
+    ///
+    /// Consumed segments go back to their producer every batch and when a ring runs empty;
+    /// call [`Datapath::rx_flush`] at the end of a round.
+    pub fn rx_next(
+        &mut self,
+        now: Instant,
+        notifier: &mut dyn Notifier,
+        mut deliver: impl FnMut(&Consumer) -> usize,
+    ) -> Option<usize> {
+        let n = self.consumers.len();
+        for i in 0..n {
+            let src = (self.rx_cursor + i) % n;
+            if src as u32 == self.claim.id || !self.links.is_up(src as u32) {
+                continue;
+            }
+            // The producer's current incarnation: frames from any earlier life are dropped.
+            let epoch = self.region.peer(src as u32).incarnation() as u32;
+            loop {
+                let Datapath { consumers, switch, counters, corrupt_log, rx_taken, opts, .. } =
+                    &mut *self;
+                let Some(cons) = consumers[src].as_mut() else { break };
+                match cons.peek(epoch) {
+                    Peek::Empty => break,
+                    Peek::Stale => continue,
+                    Peek::Corrupt(reason) => {
+                        if let Some(s) = corrupt_log.allow(now) {
+                            log::warn!("ring from peer {src} is inconsistent ({reason:?}); skipped what it published ({s} similar suppressed)");
+                        }
+                        break;
+                    }
+                    Peek::Frame(_) => {
+                        let mut hdr = [0u8; 12];
+                        if cons.copy_prefix(&mut hdr) == 12 && hdr[6] & 1 == 0 {
+                            let mut mac = [0u8; 6];
+                            mac.copy_from_slice(&hdr[6..12]);
+                            switch.learn(mac, src as u32, now);
+                        }
+                        let got = deliver(cons);
+                        cons.advance(got > 0);
+                        rx_taken[src] += 1;
+                        let batch_done = rx_taken[src] as usize >= opts.batch;
+                        if got > 0 {
+                            counters[PeerCounter::LocalTxFrames as usize] += 1;
+                            counters[PeerCounter::LocalTxBytes as usize] += got as u64;
+                        }
+                        self.counters_dirty = true;
+                        if batch_done {
+                            self.rx_release(src, notifier);
+                        }
+                        if got > 0 {
+                            self.rx_cursor = (src + 1) % n;
+                            return Some(got);
+                        }
+                    }
+                }
+            }
+            self.rx_release(src, notifier);
+        }
+        None
+    }
+
+    /// Whether a peer this member considers down has published frames for it, i.e. it has
+    /// (re)joined since the last link check (or died with frames queued). A member without
+    /// doorbells uses this to check the links at once rather than at the next heartbeat, so a
+    /// peer that just joined is heard within milliseconds.
+    pub fn down_peer_has_frames(&mut self) -> bool {
+        let links = &self.links;
+        self.consumers
+            .iter_mut()
+            .enumerate()
+            .any(|(src, c)| !links.is_up(src as u32) && c.as_mut().is_some_and(|c| c.has_data()))
+    }
+
+    /// Returns the segments taken by [`Datapath::rx_next`] to their producers and rings those
+    /// that wait for space.
+    pub fn rx_flush(&mut self, notifier: &mut dyn Notifier) {
+        for src in 0..self.consumers.len() {
+            if self.rx_taken[src] > 0 {
+                self.rx_release(src, notifier);
+            }
+        }
+    }
+
+    fn rx_release(&mut self, src: usize, notifier: &mut dyn Notifier) {
+        let taken = std::mem::take(&mut self.rx_taken[src]);
+        let Some(cons) = self.consumers[src].as_mut() else { return };
+        cons.publish();
+        if taken > 0 && cons.producer_waiting() && notifier.notify(src as u32, VECTOR_DATA) {
+            self.doorbells[DoorbellCounter::Rung as usize] += 1;
+            self.counters_dirty = true;
+        }
     }
 
     /// Leaves the segment cleanly: marks our slot as left.
