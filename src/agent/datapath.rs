@@ -96,7 +96,8 @@ impl Default for DatapathOptions {
         DatapathOptions {
             mtu: 1500,
             link_timeout: Duration::from_secs(1),
-            stall_timeout: Duration::from_millis(100),
+            // Long enough that a peer descheduled on a busy host is not taken for stuck.
+            stall_timeout: Duration::from_millis(250),
             batch: 64,
         }
     }
@@ -154,6 +155,7 @@ pub struct Datapath<T: FrameIo> {
     next_kernel_stats: Instant,
     corrupt_log: RateLimit,
     io_log: RateLimit,
+    drop_log: RateLimit,
     /// Pull-style receive ([`Datapath::rx_next`]): the ring to look at first.
     rx_cursor: usize,
     /// Pull-style receive: frames taken from each ring since its tail was last published.
@@ -211,6 +213,7 @@ impl<T: FrameIo> Datapath<T> {
             next_kernel_stats: Instant::now(),
             corrupt_log: RateLimit::new(),
             io_log: RateLimit::new(),
+            drop_log: RateLimit::new(),
             rx_cursor: 0,
             rx_taken: vec![0; n as usize],
         }
@@ -321,17 +324,31 @@ impl<T: FrameIo> Datapath<T> {
         self.pending.is_none()
     }
 
+    /// Counts a local frame dropped for `reason`; at debug level, describes it (rate limited).
+    fn drop_local(&mut self, reason: PeerCounter, len: usize, now: Instant) {
+        self.count(reason, 1);
+        if log::log_enabled!(log::Level::Debug) {
+            if let Some(s) = self.drop_log.allow(now) {
+                let frame = &self.buf[..len.min(self.buf.len())];
+                log::debug!(
+                    "dropped ({reason:?}): {} ({s} similar suppressed)",
+                    super::frame::describe(frame)
+                );
+            }
+        }
+    }
+
     /// Sends `buf[..len]`, a frame that came from the local interface, through the switch.
     /// Returns true if it is now held back because its ring is full.
     fn forward_local(&mut self, len: usize, now: Instant) -> bool {
         self.count(PeerCounter::LocalRxFrames, 1);
         self.count(PeerCounter::LocalRxBytes, len as u64);
         if len < 14 {
-            self.count(PeerCounter::DropRunt, 1);
+            self.drop_local(PeerCounter::DropRunt, len, now);
             return false;
         }
         if len > self.max_eth {
-            self.count(PeerCounter::DropOversize, 1);
+            self.drop_local(PeerCounter::DropOversize, len, now);
             return false;
         }
         let mut dst = [0u8; 6];
@@ -340,7 +357,7 @@ impl<T: FrameIo> Datapath<T> {
         src.copy_from_slice(&self.buf[6..12]);
         self.switch.learn(src, self.claim.id, now);
         match self.switch.forward(dst, now) {
-            Forward::ToSelf => self.count(PeerCounter::DropToSelf, 1),
+            Forward::ToSelf => self.drop_local(PeerCounter::DropToSelf, len, now),
             Forward::Unicast(peer) => {
                 if !self.links.is_up(peer) {
                     self.producers[peer as usize].as_mut().expect("producer").count_drop_down();
@@ -361,7 +378,7 @@ impl<T: FrameIo> Datapath<T> {
                 false
             }
             Err(PushError::Oversize(_) | PushError::Empty) => {
-                self.count(PeerCounter::DropOversize, 1);
+                self.drop_local(PeerCounter::DropOversize, len, now);
                 false
             }
             Err(PushError::Full) => {
@@ -397,13 +414,13 @@ impl<T: FrameIo> Datapath<T> {
                     self.producers[peer as usize].as_mut().expect("producer").count_drop_full()
                 }
                 Err(PushError::Oversize(_) | PushError::Empty) => {
-                    self.count(PeerCounter::DropOversize, 1);
+                    self.drop_local(PeerCounter::DropOversize, len, now);
                     return;
                 }
             }
         }
         if sent == 0 {
-            self.count(PeerCounter::DropNoPeer, 1);
+            self.drop_local(PeerCounter::DropNoPeer, len, now);
         } else {
             self.count(PeerCounter::Flooded, 1);
         }

@@ -387,7 +387,7 @@ impl Geometry {
         if !self.ring_slots.is_power_of_two() || !(8..=65536).contains(&self.ring_slots) {
             return Err(GeometryError::RingSlots(self.ring_slots));
         }
-        if self.slot_size % 64 != 0 || !(256..=65536).contains(&self.slot_size) {
+        if !self.slot_size.is_multiple_of(64) || !(256..=65536).contains(&self.slot_size) {
             return Err(GeometryError::SlotSize(self.slot_size));
         }
         if !(68..=MTU_LIMIT).contains(&self.mtu) {

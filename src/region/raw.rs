@@ -165,7 +165,7 @@ impl RawRegion {
     #[inline]
     pub fn u32_at(&self, offset: usize) -> &AtomicU32 {
         assert!(
-            offset % 4 == 0 && self.check(offset, 4).is_ok(),
+            offset.is_multiple_of(4) && self.check(offset, 4).is_ok(),
             "layout bug: u32 at {offset} in a {}-byte region",
             self.len
         );
@@ -179,7 +179,7 @@ impl RawRegion {
     #[inline]
     pub fn u64_at(&self, offset: usize) -> &AtomicU64 {
         assert!(
-            offset % 8 == 0 && self.check(offset, 8).is_ok(),
+            offset.is_multiple_of(8) && self.check(offset, 8).is_ok(),
             "layout bug: u64 at {offset} in a {}-byte region",
             self.len
         );
