@@ -296,7 +296,13 @@ impl ServerSession {
                                 let fresh = !p.peers.contains_key(&pid);
                                 p.add(pid, fd)?;
                                 if fresh {
-                                    log::info!("doorbell server: doorbell id {pid} joined");
+                                    // The server paired the id with a slot before announcing it.
+                                    match region.slot_of_doorbell_id(pid) {
+                                        Some(slot) => log::info!(
+                                            "doorbell server: peer {slot} joined (doorbell id {pid})"
+                                        ),
+                                        None => log::info!("doorbell server: doorbell id {pid} joined"),
+                                    }
                                 }
                             }
                             None => {

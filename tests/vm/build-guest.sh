@@ -65,8 +65,30 @@ MODULES=(irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci tun)
 read -r -a extra_mods <<<"${IVNET_VM_EXTRA_MODULES:-}"
 MODULES+=("${extra_mods[@]}")
 
+u_le() {
+    # u_le FILE OFFSET NBYTES: little-endian unsigned integer read from FILE
+    local v=0 i bytes
+    read -r -a bytes < <(od -An -v -tu1 -j "$2" -N "$3" "$1")
+    for ((i = ${#bytes[@]} - 1; i >= 0; i--)); do v=$((v * 256 + bytes[i])); done
+    echo "$v"
+}
+elf_interp() {
+    # elf_interp FILE: exit 0 if FILE is an ELF64 with a PT_INTERP header
+    # (dynamically linked: cannot run in the guest, which has no libc)
+    local phoff phentsize phnum i
+    [[ $(od -An -c -N 4 "$1" | tr -d ' ') == 177ELF ]] || return 1
+    [[ $(u_le "$1" 4 1) == 2 ]] || return 1          # ELFCLASS64
+    phoff=$(u_le "$1" 32 8); phentsize=$(u_le "$1" 54 2); phnum=$(u_le "$1" 56 2)
+    for ((i = 0; i < phnum; i++)); do
+        [[ $(u_le "$1" $((phoff + i * phentsize)) 4) == 3 ]] && return 0
+    done
+    return 1
+}
 for b in "${EXTRA_BINARIES[@]}"; do
     [[ -f $b ]] || die "extra binary '$b' does not exist or is not a regular file"
+    if elf_interp "$b"; then
+        die "extra binary '$b' is dynamically linked; the guest has no libc. Build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu"
+    fi
 done
 
 # ---------------------------------------------------------------- tools

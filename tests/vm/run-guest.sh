@@ -28,7 +28,10 @@
 #                       if a probe boot under KVM succeeds, cached per host boot)
 #   --timeout SECS      kill the guest after SECS (default 300)
 #   --log FILE          also write the console to FILE
-#   --print-cmd         print the QEMU command line (shell-quoted) and exit
+#   --make-initrd FILE  write the combined initramfs (base + overlay) to FILE
+#                       and exit (with --print-cmd: print a command using FILE)
+#   --print-cmd         print the QEMU command line (shell-quoted) and exit;
+#                       without --make-initrd it names the base initramfs only
 #
 # Env: IVNET_VM_CACHE (default /var/tmp/ivnet-vm-cache) holds the KVM probe
 # result; IVNET_VM_ACCEL overrides --accel's default; QEMU overrides the binary.
@@ -40,7 +43,7 @@ log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 
 KIT="" SCRIPT="" NAME="" DOORBELL="" VECTORS=2 PLAIN="" SHM_SIZE=16M
 IOMMU=on UNSAFE=0 APPEND="" MEM=512M SMP=1 ACCEL=${IVNET_VM_ACCEL:-auto}
-TIMEOUT=300 LOGFILE="" PRINT=0
+TIMEOUT=300 LOGFILE="" PRINT=0 MAKE_INITRD=""
 FILES=()
 EXTRA=()
 CACHE=${IVNET_VM_CACHE:-/var/tmp/ivnet-vm-cache}
@@ -66,6 +69,7 @@ while [[ $# -gt 0 ]]; do
         --timeout) need "$@"; TIMEOUT=$2; shift 2 ;;
         --log) need "$@"; LOGFILE=$2; shift 2 ;;
         --print-cmd) PRINT=1; shift ;;
+        --make-initrd) need "$@"; MAKE_INITRD=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
@@ -151,12 +155,16 @@ KARGS+=("${extra_kargs[@]}")
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ivnet-guest.XXXXXX")
 QPID_FILE=$WORK/qemu.pid
+WATCHDOG=""
 # shellcheck disable=SC2317  # invoked from trap
 cleanup() {
     local p=""
     [[ -f $QPID_FILE ]] && p=$(cat "$QPID_FILE" 2>/dev/null || true)
     if [[ -n $p ]]; then
         kill "$p" 2>/dev/null || true
+    fi
+    if [[ -n $WATCHDOG ]]; then
+        kill "$WATCHDOG" 2>/dev/null || true
     fi
     rm -rf "$WORK"
 }
@@ -165,7 +173,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 INITRD=$KIT/initramfs.cpio.gz
-if [[ -n $SCRIPT || ${#FILES[@]} -gt 0 ]]; then
+if [[ $PRINT == 1 && -z $MAKE_INITRD ]]; then
+    :   # print the command with the base initramfs only
+elif [[ -n $SCRIPT || ${#FILES[@]} -gt 0 ]]; then
     # per-guest overlay archive, concatenated to the base (see build-guest.sh)
     OV=$WORK/overlay
     mkdir -p "$OV/ivnet"
@@ -187,6 +197,12 @@ if [[ -n $SCRIPT || ${#FILES[@]} -gt 0 ]]; then
     INITRD=$WORK/run.cpio.gz
 fi
 
+if [[ -n $MAKE_INITRD ]]; then
+    cp "$INITRD" "$MAKE_INITRD.tmp.$$"
+    mv -f "$MAKE_INITRD.tmp.$$" "$MAKE_INITRD"
+    INITRD=$MAKE_INITRD
+fi
+
 CMD=("$QEMU" -machine "$MACHINE" "${ACCEL_ARGS[@]}" -m "$MEM" -smp "$SMP"
      -nodefaults -display none -no-reboot -serial stdio
      "${DEV_ARGS[@]}"
@@ -196,14 +212,24 @@ CMD=("$QEMU" -machine "$MACHINE" "${ACCEL_ARGS[@]}" -m "$MEM" -smp "$SMP"
 if [[ $PRINT == 1 ]]; then
     printf '%q ' "${CMD[@]}"
     echo
+fi
+if [[ $PRINT == 1 || -n $MAKE_INITRD ]]; then
     exit 0
 fi
 
 CONSOLE=$WORK/console.log
 # QEMU writes its pid (for cleanup); the console goes to stdout and $CONSOLE.
-{ timeout "$TIMEOUT" "${CMD[@]}" -pidfile "$QPID_FILE" </dev/null 2>&1
-  echo $? >"$WORK/qemu.rc"; } | tee "$CONSOLE" ${LOGFILE:+"$LOGFILE"} &
-wait $! || true
+{ r=0
+  timeout "$TIMEOUT" "${CMD[@]}" -pidfile "$QPID_FILE" </dev/null 2>&1 || r=$?
+  echo "$r" 2>/dev/null >"$WORK/qemu.rc" || true; } | tee "$CONSOLE" ${LOGFILE:+"$LOGFILE"} &
+TEE_PID=$!
+# Watchdog: if this script dies without running its traps (SIGKILL, e.g.
+# Rust's Child::kill), stop QEMU and remove the work dir within ~0.5 s.
+( while kill -0 "$$" 2>/dev/null; do sleep 0.5; done
+  p=$(cat "$QPID_FILE" 2>/dev/null) && kill "$p"
+  rm -rf "$WORK" ) </dev/null >/dev/null 2>&1 &
+WATCHDOG=$!
+wait "$TEE_PID" || true
 qrc=$(cat "$WORK/qemu.rc" 2>/dev/null || echo 1)
 rm -f "$QPID_FILE"
 if [[ $qrc == 124 ]]; then
