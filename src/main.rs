@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use ivnet::agent::Wakeups;
 use ivnet::backend;
 use ivnet::backend::server_client::ServerSession;
 use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, ServerArgs};
@@ -88,17 +87,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ivnet::agent::run(m.region, &cfg, m.assigned_id, m.wakeups)?;
                 }
                 BackendChoice::Server { socket } => {
-                    let session = ServerSession::connect(socket, &cfg.geometry, 2)?;
-                    let (id, region, notifier) =
-                        (session.id, session.region.clone(), session.notifier());
-                    let (fd, handler, own, _) = session.into_control();
-                    let wakeups = Wakeups {
-                        own,
-                        notifier: Box::new(notifier),
-                        spin: cfg.spin,
-                        control: Some((fd, handler)),
-                    };
-                    ivnet::agent::run(region, &cfg, Some(id), Some(wakeups))?;
+                    let (slot, region, wakeups) =
+                        ServerSession::join(socket, &cfg.geometry, cfg.spin)?;
+                    ivnet::agent::run(region, &cfg, Some(slot), Some(wakeups))?;
                 }
             }
             Ok(())

@@ -256,6 +256,25 @@ impl ServerSession {
         })
     }
 
+    /// Connects and hands back what a member needs: its peer slot, the region, and its
+    /// doorbells (own eventfds to sleep on, a notifier for the others, the control channel).
+    pub fn join(
+        path: &Path,
+        req: &GeometryRequest,
+        spin: Duration,
+    ) -> Result<(u32, Region, crate::agent::Wakeups), ServerClientError> {
+        let session = Self::connect(path, req, 2)?;
+        let (slot, region, notifier) = (session.id, session.region.clone(), session.notifier());
+        let (fd, handler, own, _) = session.into_control();
+        let wakeups = crate::agent::Wakeups {
+            own,
+            notifier: Box::new(notifier),
+            spin,
+            control: Some((fd, handler)),
+        };
+        Ok((slot, region, wakeups))
+    }
+
     /// The notifier that rings other peers.
     pub fn notifier(&self) -> EventFdNotifier {
         EventFdNotifier { peers: self.peers.clone(), region: self.region.clone() }

@@ -415,17 +415,8 @@ impl Stack {
                 Stack::from_region(region, cfg, None, None, signals)
             }
             StackBackend::Server { socket } => {
-                let session = ServerSession::connect(socket, &cfg.geometry, 2)?;
-                let (id, region, notifier) =
-                    (session.id, session.region.clone(), session.notifier());
-                let (fd, handler, own, _) = session.into_control();
-                let wakeups = Wakeups {
-                    own,
-                    notifier: Box::new(notifier),
-                    spin: cfg.spin,
-                    control: Some((fd, handler)),
-                };
-                Stack::from_region(region, cfg, Some(id), Some(wakeups), signals)
+                let (slot, region, wakeups) = ServerSession::join(socket, &cfg.geometry, cfg.spin)?;
+                Stack::from_region(region, cfg, Some(slot), Some(wakeups), signals)
             }
         }
     }
