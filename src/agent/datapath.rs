@@ -176,7 +176,7 @@ impl<T: FrameIo> Datapath<T> {
         let me = claim.id;
         let n = region.geometry().max_peers;
         let slot = region.peer(me);
-        slot.set_state(PeerState::Joining);
+        slot.set_state(PeerState::Joining, claim.incarnation);
         slot.set_info(mac, opts.mtu, 0, kind, std::process::id());
         slot.beat(crate::sys::wall_ms());
         let producers = (0..n)
@@ -184,7 +184,7 @@ impl<T: FrameIo> Datapath<T> {
             .collect();
         let consumers = (0..n).map(|s| (s != me).then(|| Consumer::new(&region, s, me))).collect();
         // Release (in set_state): the resets above are visible to whoever sees us up.
-        slot.set_state(PeerState::Up);
+        slot.set_state(PeerState::Up, claim.incarnation);
         let max_eth = (opts.mtu + ETH_OVERHEAD) as usize;
         let max_segs = region.geometry().max_segments_per_frame() as usize;
         let mut switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
@@ -792,7 +792,7 @@ impl<T: FrameIo> Datapath<T> {
         self.publish(&mut NoDoorbells);
         let slot = self.region.peer(self.claim.id);
         if slot.incarnation() == self.claim.incarnation {
-            slot.set_state(PeerState::Left);
+            slot.set_state(PeerState::Left, self.claim.incarnation);
         }
     }
 }

@@ -68,10 +68,6 @@ pub fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 10).max(Duration::from_millis(5))
 }
 
-fn claimable_now(state: PeerState) -> bool {
-    matches!(state, PeerState::Free | PeerState::Left)
-}
-
 /// Watches the heartbeats of `ids` for up to `timeout` (plus one heartbeat period); returns the
 /// ids whose heartbeat and incarnation did not change (their owners are gone).
 fn stale_among(region: &Region, ids: &[u32], timeout: Duration) -> Vec<u32> {
@@ -126,7 +122,7 @@ pub fn claim(
             }
             let slot = region.peer(id);
             let inc = slot.incarnation();
-            if !claimable_now(slot.state()) && stale_among(region, &[id], timeout).is_empty() {
+            if !slot.is_free(inc) && stale_among(region, &[id], timeout).is_empty() {
                 return Err(ClaimError::AlreadyLive { id, pid: slot.snapshot().pid });
             }
             slot.try_claim(inc)
@@ -138,7 +134,7 @@ pub fn claim(
             for id in 0..max_peers {
                 let slot = region.peer(id);
                 let inc = slot.incarnation();
-                if claimable_now(slot.state()) {
+                if slot.is_free(inc) {
                     if let Some(incarnation) = slot.try_claim(inc) {
                         return Ok(Claim { id, incarnation });
                     }
@@ -314,7 +310,7 @@ mod tests {
             1,
         );
         r.peer(c.id).beat(0);
-        r.peer(c.id).set_state(PeerState::Up);
+        r.peer(c.id).set_state(PeerState::Up, c.incarnation);
     }
 
     #[test]
@@ -325,6 +321,38 @@ mod tests {
         go_up(&r, a);
         let b = claim(&r, None, t).unwrap();
         assert_ne!(a.id, b.id);
+    }
+
+    #[test]
+    fn test_slot_being_claimed_is_not_free_for_a_second_claimer() {
+        let r = region();
+        // Claimer A has bumped slot 0's incarnation but not yet written its state.
+        assert_eq!(r.peer(0).try_claim(0), Some(1));
+        let b = claim(&r, None, Duration::from_millis(50)).unwrap();
+        assert_eq!(b.id, 1, "slot 0 was taken twice");
+        // Once A leaves, slot 0 is free again.
+        r.peer(0).set_state(PeerState::Left, 1);
+        assert!(r.peer(0).is_free(1));
+        let c = claim(&r, None, Duration::from_millis(50)).unwrap();
+        assert_eq!((c.id, c.incarnation), (0, 2));
+    }
+
+    #[test]
+    fn test_concurrent_auto_claims_get_distinct_slots() {
+        for _ in 0..20 {
+            let r = region();
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let r = r.clone();
+                    std::thread::spawn(move || {
+                        claim(&r, None, Duration::from_millis(50)).unwrap().id
+                    })
+                })
+                .collect();
+            let mut ids: Vec<u32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            ids.sort();
+            assert_eq!(ids, vec![0, 1, 2, 3]);
+        }
     }
 
     #[test]
@@ -359,7 +387,7 @@ mod tests {
         child.wait().unwrap();
         r.peer(1).set_info([2, 0, 0, 0, 0, 1], 1500, 0, crate::region::PeerKind::Agent, dead_pid);
         r.peer(1).beat(0);
-        r.peer(1).set_state(PeerState::Up);
+        r.peer(1).set_state(PeerState::Up, a.incarnation);
         // The heartbeat keeps moving (as if the slot were live), so only the dead-pid check can
         // make the claim succeed; watching the heartbeat would refuse it as already live.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -409,7 +437,7 @@ mod tests {
         links.tick(&r, t0 + t * 2, |e| ev.push(e));
         assert_eq!(ev, vec![LinkEvent::Restarted { id: 2, mac: [2, 0, 0, 0, 0, 2] }]);
         assert!(links.is_up(2));
-        r.peer(2).set_state(PeerState::Left);
+        r.peer(2).set_state(PeerState::Left, again.incarnation);
         ev.clear();
         links.tick(&r, t0 + t * 2, |e| ev.push(e));
         assert_eq!(ev, vec![LinkEvent::Down { id: 2 }]);

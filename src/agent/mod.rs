@@ -102,7 +102,7 @@ impl Drop for ClaimGuard<'_> {
         if self.armed {
             let slot = self.region.peer(self.claim.id);
             if slot.incarnation() == self.claim.incarnation {
-                slot.set_state(PeerState::Left);
+                slot.set_state(PeerState::Left, self.claim.incarnation);
             }
         }
     }

@@ -87,7 +87,8 @@ pub mod init {
 pub mod peer {
     /// u64 incarnation: bumped with a compare-and-swap by whoever claims the slot.
     pub const INCARNATION: usize = 0;
-    /// u32 [`super::PeerState`], written by the owner.
+    /// u32: [`super::PeerState`] in the low 8 bits, the low 24 bits of the incarnation it was
+    /// written under above them; written by the owner.
     pub const STATE: usize = 8;
     /// u32 process id of the owner (informational).
     pub const PID: usize = 12;

@@ -479,13 +479,25 @@ impl<'r> PeerSlot<'r> {
 
     /// Slot state.
     pub fn state(&self) -> PeerState {
-        PeerState::from_raw(self.u32f(peer::STATE).load(Ordering::Acquire))
+        PeerState::from_raw(self.u32f(peer::STATE).load(Ordering::Acquire) & 0xff)
     }
 
-    /// Sets the slot state (owner only). Release: everything the owner wrote before (its MAC,
-    /// ring resets) is visible to whoever sees the new state.
-    pub fn set_state(&self, s: PeerState) {
-        self.u32f(peer::STATE).store(s.to_raw(), Ordering::Release);
+    /// Sets the slot state (owner only), tagged with the owner's incarnation. Release:
+    /// everything the owner wrote before (its MAC, ring resets) is visible to whoever sees the
+    /// new state.
+    pub fn set_state(&self, s: PeerState, incarnation: u64) {
+        let tag = (incarnation as u32 & 0x00ff_ffff) << 8;
+        self.u32f(peer::STATE).store(tag | (s.to_raw() & 0xff), Ordering::Release);
+    }
+
+    /// Whether the slot is free to claim without watching anyone's heartbeat: never used, or
+    /// left, by the incarnation that is still in the slot. Once a claimer has bumped the
+    /// incarnation the tags no longer match, so a second claimer cannot take the slot too.
+    pub fn is_free(&self, incarnation: u64) -> bool {
+        let word = self.u32f(peer::STATE).load(Ordering::Acquire);
+        let state = PeerState::from_raw(word & 0xff);
+        matches!(state, PeerState::Free | PeerState::Left)
+            && word >> 8 == (incarnation as u32 & 0x00ff_ffff)
     }
 
     /// Heartbeat counter.
