@@ -145,6 +145,10 @@ pub struct Producer {
     drop_full: u64,
     drop_down: u64,
     dirty: bool,
+    /// Scratch space for a frame's descriptors (allocated once).
+    descs: Vec<u8>,
+    /// A head was published (early, by `push`) that `publish` has not reported yet.
+    unreported: bool,
 }
 
 impl Producer {
@@ -178,6 +182,8 @@ impl Producer {
             drop_full: 0,
             drop_down: 0,
             dirty: false,
+            descs: Vec::with_capacity(g.max_frame.div_ceil(g.slot_size) as usize * DESC_SIZE),
+            unreported: false,
         }
     }
 
@@ -224,26 +230,21 @@ impl Producer {
         if !self.has_room(need) {
             return Err(PushError::Full);
         }
+        // The frame's segments are consecutive in the data area (one run, or two when the
+        // ring wraps), and each is filled before the next: the bytes go in with one copy per
+        // run and slice, and the descriptors with one copy per run.
         let slot = self.g.slot_size as usize;
-        let mut done = 0usize; // bytes of meta+frame written so far
+        let idx0 = self.head & self.g.mask();
+        let first_run = need.min(self.g.slots - idx0);
+        let split = (first_run as usize * slot).min(total);
+        self.copy_stream(self.g.seg(idx0), meta, frame, 0, split);
+        if split < total {
+            self.copy_stream(self.g.seg(0), meta, frame, split, total - split);
+        }
+        self.descs.clear();
         for k in 0..need {
             let idx = self.head.wrapping_add(k);
-            let seg = self.g.seg(idx);
-            let chunk = (total - done).min(slot);
-            // Copy the part of `meta` and of `frame` that falls into [done, done + chunk).
-            let mut off = 0usize;
-            if done < meta.len() {
-                let m = (meta.len() - done).min(chunk);
-                self.raw.copy_in(seg, &meta[done..done + m]).expect("segment inside region");
-                off = m;
-            }
-            let fstart = (done + off) - meta.len();
-            let flen = chunk - off;
-            if flen > 0 {
-                self.raw
-                    .copy_in(seg + off, &frame[fstart..fstart + flen])
-                    .expect("segment inside region");
-            }
+            let chunk = (total - k as usize * slot).min(slot) as u32;
             let mut flags = 0;
             if k == 0 {
                 flags |= DESC_FIRST;
@@ -253,22 +254,48 @@ impl Producer {
             }
             let d = SegmentDesc {
                 start: 0,
-                end: chunk as u32,
-                len: chunk as u32,
+                end: chunk,
+                len: chunk,
                 next: idx.wrapping_add(1) & self.g.mask(),
                 flags,
                 meta_len: if k == 0 { meta.len() as u16 } else { 0 },
                 epoch: self.epoch,
                 frame_len: if k == 0 { total as u32 } else { 0 },
             };
-            self.raw.copy_in(self.g.desc(idx), &d.encode()).expect("descriptor inside region");
-            done += chunk;
+            self.descs.extend_from_slice(&d.encode());
+        }
+        let (a, b) = self.descs.split_at(first_run as usize * DESC_SIZE);
+        self.raw.copy_in(self.g.desc(idx0), a).expect("descriptors inside region");
+        if !b.is_empty() {
+            self.raw.copy_in(self.g.desc(0), b).expect("descriptors inside region");
         }
         self.head = self.head.wrapping_add(need);
         self.frames += 1;
         self.bytes += frame.len() as u64;
         self.dirty = true;
+        // A batch of large frames would otherwise fill the ring before the consumer sees any
+        // of it, and the two sides would take turns instead of working at once.
+        if self.head.wrapping_sub(self.published) >= self.g.slots / 4 {
+            self.publish_head();
+        }
         Ok(())
+    }
+
+    /// Copies bytes `from..from + len` of `meta` followed by `frame` to region offset `dst`.
+    #[inline]
+    fn copy_stream(&self, dst: usize, meta: &[u8], frame: &[u8], from: usize, len: usize) {
+        let mut done = 0;
+        if from < meta.len() {
+            let m = (meta.len() - from).min(len);
+            self.raw.copy_in(dst, &meta[from..from + m]).expect("segments inside region");
+            done = m;
+        }
+        if done < len {
+            let f = from + done - meta.len();
+            self.raw
+                .copy_in(dst + done, &frame[f..f + len - done])
+                .expect("segments inside region");
+        }
     }
 
     /// Whether a frame of `len` bytes (with metadata) would fit now.
@@ -288,14 +315,22 @@ impl Producer {
         self.raw.u64_at(base + ring::TX_BYTES).store(self.bytes, Ordering::Relaxed);
         self.raw.u64_at(base + ring::TX_DROP_FULL).store(self.drop_full, Ordering::Relaxed);
         self.raw.u64_at(base + ring::TX_DROP_DOWN).store(self.drop_down, Ordering::Relaxed);
-        if self.head == self.published {
-            return false;
+        self.publish_head();
+        // Report heads published early (by `push`) too, so the caller still checks whether the
+        // consumer sleeps.
+        std::mem::take(&mut self.unreported)
+    }
+
+    /// Publishes the head only (not the counters).
+    #[inline]
+    fn publish_head(&mut self) {
+        if self.head != self.published {
+            // Release: publishes the descriptors and data written by `push`; pairs with the
+            // acquire load of head in `Consumer::refresh`.
+            self.raw.u32_at(self.g.base + ring::HEAD).store(self.head, Ordering::Release);
+            self.published = self.head;
+            self.unreported = true;
         }
-        // Release: publishes the descriptors and data written by `push`; pairs with the acquire
-        // load of head in `Consumer::refresh`.
-        self.raw.u32_at(base + ring::HEAD).store(self.head, Ordering::Release);
-        self.published = self.head;
-        true
     }
 
     /// Publishes, then tells whether the consumer asked to be woken (its waiting flag is set):
@@ -410,6 +445,8 @@ pub struct Consumer {
     /// Byte range of the current frame's metadata.
     meta: (usize, usize),
     current: Option<FrameInfo>,
+    /// Scratch space for a frame's descriptors (allocated once).
+    desc_buf: Vec<u8>,
     frames: u64,
     bytes: u64,
     stale: u64,
@@ -448,6 +485,7 @@ impl Consumer {
             ranges: Vec::with_capacity(max_segs),
             meta: (0, 0),
             current: None,
+            desc_buf: Vec::with_capacity(max_segs * DESC_SIZE),
             frames: 0,
             bytes: 0,
             stale: 0,
@@ -479,6 +517,22 @@ impl Consumer {
         self.current = None;
         self.corrupt += 1;
         self.dirty = true;
+    }
+
+    /// Copies `count` descriptors starting at index `idx` into `desc_buf`.
+    fn load_descs(&mut self, idx: u32, count: u32) {
+        self.desc_buf.clear();
+        if count == 0 {
+            return;
+        }
+        let start = idx & self.g.mask();
+        let first = count.min(self.g.slots - start) as usize;
+        self.desc_buf.resize(count as usize * DESC_SIZE, 0);
+        let (a, b) = self.desc_buf.split_at_mut(first * DESC_SIZE);
+        self.raw.copy_out(self.g.desc(start), a).expect("descriptors inside region");
+        if !b.is_empty() {
+            self.raw.copy_out(self.g.desc(0), b).expect("descriptors inside region");
+        }
     }
 
     fn read_desc(&self, idx: u32) -> SegmentDesc {
@@ -545,13 +599,21 @@ impl Consumer {
         {
             return Err(CorruptReason::Length);
         }
+        // A well-formed producer fills every segment but the last, so the frame should span
+        // this many: read their descriptors in one go (two when the ring wraps). Each is still
+        // checked on its own; a producer that segments differently only costs single reads.
+        let expect = frame_len.div_ceil(slot).clamp(1, max_segs).min(avail);
+        self.load_descs(self.tail.wrapping_add(1), expect - 1);
         let mut total = 0u32;
         let mut k = 0u32;
         let mut d = first;
         loop {
             let idx = self.tail.wrapping_add(k);
             if k > 0 {
-                d = self.read_desc(idx);
+                d = match self.desc_buf.get((k as usize - 1) * DESC_SIZE..k as usize * DESC_SIZE) {
+                    Some(b) => SegmentDesc::decode(b.try_into().expect("DESC_SIZE bytes")),
+                    None => self.read_desc(idx),
+                };
                 if d.flags & DESC_FIRST != 0 || d.epoch != first.epoch {
                     return Err(CorruptReason::Framing);
                 }
@@ -576,7 +638,12 @@ impl Consumer {
                 off = meta_len;
             }
             if d.len > off {
-                self.ranges.push((seg + off as usize, (d.len - off) as usize));
+                let (at, len) = (seg + off as usize, (d.len - off) as usize);
+                // Consecutive segments are one range: one copy (one iovec) instead of many.
+                match self.ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == at => last.1 += len,
+                    _ => self.ranges.push((at, len)),
+                }
             }
             k += 1;
             if d.flags & DESC_LAST != 0 {
