@@ -171,7 +171,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "shm")]
     pub socket: Option<PathBuf>,
     /// With doorbells: keep polling this long after the last activity before sleeping on the
-    /// doorbell, in µs (0: never spin, sleep at once). Default 50.
+    /// doorbell, in µs (0: never spin, sleep at once). Default 100.
     #[arg(long, value_name = "US")]
     pub spin_us: Option<u64>,
     /// In a VM: use the ivshmem PCI device (`auto` finds it, or a PCI address like
@@ -309,7 +309,7 @@ pub struct AgentConfig {
 }
 
 /// Default spin window in µs (see bench/README.md for the measurement behind it).
-pub const DEFAULT_SPIN_US: u64 = 50;
+pub const DEFAULT_SPIN_US: u64 = 100;
 
 /// Default TAP name.
 pub const DEFAULT_TAP: &str = "tap-shm";

@@ -5,7 +5,9 @@
 //!   and that no spin ever ran;
 //! - an idle agent uses under 1% of one core over 5 s (utime + stime from /proc/PID/stat), with
 //!   pure doorbells and with the default spin window alike;
-//! - when an agent leaves, the other hears it from the server and marks it down at once.
+//! - when an agent leaves, the other hears it from the server and marks it down at once;
+//! - with a server that hands out a single vector per peer, data doorbells still wake the
+//!   agents (on vector 0), and the agents say how to fix the setup.
 //!
 //! Needs root and /dev/net/tun; without them each test prints `SKIP ...` (or fails when
 //! `IVNET_REQUIRE_PRIVILEGED_TESTS=1`).
@@ -39,8 +41,13 @@ impl DoorbellLab {
     /// Starts the server and one agent per entry of `flags` (member `i` gets `10.77.0.(i+1)/24`
     /// and `flags[i]`), then waits until member 0 reaches member 1.
     fn start(flags: &[&[&str]]) -> DoorbellLab {
+        DoorbellLab::start_with(&[], flags)
+    }
+
+    /// Like [`DoorbellLab::start`], with extra flags for the server.
+    fn start_with(server_flags: &[&str], flags: &[&[&str]]) -> DoorbellLab {
         let dir = TempDir::new();
-        let server = Server::start(&dir, &[]);
+        let server = Server::start(&dir, server_flags);
         let ns: Vec<Netns> = flags.iter().map(|_| Netns::new()).collect();
         let mut agents = Vec::new();
         for (i, extra) in flags.iter().enumerate() {
@@ -200,4 +207,36 @@ fn leave_reported_by_the_server_marks_the_peer_down() {
     });
     lab.agents[0].assert_running();
     let _ = &lab.dir;
+}
+
+/// A server started with `--vectors 1` gives each peer only vector 0 (ivnet uses 0 for link
+/// changes and 1 for data). The agents warn, and ring data doorbells on vector 0 instead: with
+/// `--spin-us 0`, pings 200 ms apart each need a doorbell, and they are rung (without the
+/// fallback nothing is rung and every frame waits for the next heartbeat).
+#[test]
+fn one_vector_server_still_rings_data_doorbells() {
+    if !require_root("one_vector_server_still_rings_data_doorbells") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let zero = ["--spin-us", "0"];
+    let mut lab = DoorbellLab::start_with(&["--vectors", "1"], &[&zero, &zero]);
+    for a in &lab.agents {
+        assert!(
+            a.log().contains("data doorbells share vector 0"),
+            "agent {} did not warn about the single vector; log:\n{}",
+            a.peer_id,
+            a.log()
+        );
+    }
+    let before = lab.server.status();
+    assert_ping_patient(&lab.ns[0], &Lab::addr(1), 5);
+    let after = lab.server.status();
+    for id in 0..2u32 {
+        let rung = doorbells(&after, id)["rung"] - doorbells(&before, id)["rung"];
+        assert!(rung > 0, "peer {id} rang no data doorbell during 5 pings with one vector");
+    }
+    for a in &mut lab.agents {
+        a.assert_running();
+    }
 }

@@ -257,6 +257,11 @@ fn event_loop(
             } else if now.duration_since(last_work) < spin {
                 if dp.rx_pending() {
                     dp.count_doorbell(crate::region::layout::DoorbellCounter::SpinsWithWork);
+                } else {
+                    // Spinning must not starve the application we are waiting for: on a busy
+                    // host two spinning agents can hold every CPU (measured: a one-way trip then
+                    // took the whole spin window; with the yield, a quarter of it).
+                    std::thread::yield_now();
                 }
                 Some(Duration::ZERO)
             } else if dp.prepare_to_sleep() {

@@ -36,10 +36,14 @@ pub struct DoorbellRegister<R: Registers> {
     pub registers: R,
     /// The region, for the slot -> doorbell id table.
     pub region: Region,
+    /// Vectors per member (the server gives every member the same number): with fewer than
+    /// two, data doorbells go to the last one, since QEMU ignores a ring on a missing vector.
+    pub vectors: u16,
 }
 
 impl<R: Registers> Notifier for DoorbellRegister<R> {
     fn notify(&mut self, peer: u32, vector: u16) -> bool {
+        let vector = vector.min(self.vectors.saturating_sub(1));
         match self.region.peer(peer).doorbell_id() {
             Some(id) if id <= 0xffff => {
                 self.registers.write_u32(REG_DOORBELL, (id << 16) | vector as u32).is_ok()
@@ -103,11 +107,14 @@ pub fn open_pci(
                 let backend =
                     if v.vectors.is_empty() { "vfio (polling, no MSI-X)" } else { "vfio (MSI-X)" };
                 // Without MSI-X we poll but can still ring peers that sleep on theirs.
+                // Without MSI-X we cannot tell how many vectors the device has: assume ivnet's 2.
+                let vectors = if v.vectors.is_empty() { 2 } else { v.vectors.len() as u16 };
                 let wakeups = dev.is_doorbell().then(|| Wakeups {
                     own: v.vectors,
                     notifier: Box::new(DoorbellRegister {
                         registers: v.registers,
                         region: region.clone(),
+                        vectors,
                     }),
                     spin,
                     control: None,
@@ -133,7 +140,11 @@ pub fn open_pci(
     // We get no interrupts, but can still ring peers that sleep on theirs.
     let wakeups = dev.is_doorbell().then(|| Wakeups {
         own: Vec::new(),
-        notifier: Box::new(DoorbellRegister { registers: s.registers, region: s.region.clone() }),
+        notifier: Box::new(DoorbellRegister {
+            registers: s.registers,
+            region: s.region.clone(),
+            vectors: 2,
+        }),
         spin,
         control: None,
     });

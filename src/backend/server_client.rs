@@ -94,7 +94,9 @@ impl Notifier for EventFdNotifier {
         // Peers are addressed by slot; the server's table in the region gives their doorbell id.
         let Some(id) = self.region.peer(peer).doorbell_id() else { return false };
         let peers = self.peers.borrow();
-        match peers.peers.get(&id).and_then(|v| v.get(vector as usize)) {
+        // A peer with fewer vectors (a server run with --vectors 1) is rung on its last one: any
+        // doorbell wakes an agent, which then looks at all its rings.
+        match peers.peers.get(&id).and_then(|v| v.get(vector as usize).or(v.last())) {
             Some(e) => e.signal().is_ok(),
             None => false,
         }
@@ -237,6 +239,15 @@ impl ServerSession {
                  (is this an ivnet server? QEMU's example server does not keep the table)"
             )));
         };
+        if own.len() < want_vectors {
+            log::warn!(
+                "doorbell server {} gives {} vector(s) per peer, ivnet uses {want_vectors} \
+                 (0: link changes, 1: data): data doorbells share vector 0; start the server \
+                 with --vectors {want_vectors}",
+                path.display(),
+                own.len()
+            );
+        }
         log::info!(
             "doorbell server {} gave us doorbell id {doorbell_id} and peer slot {slot}, {} vectors, \
              {} peers present",

@@ -115,7 +115,18 @@ impl VfioDevice {
                 Ok(fds) => {
                     let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
                     match msix.enable(&raw) {
-                        Ok(()) => vectors = fds,
+                        Ok(()) => {
+                            if fds.len() < want_vectors {
+                                log::warn!(
+                                    "{addr}: the device has {} MSI-X vector(s), ivnet uses \
+                                     {want_vectors} (0: link changes, 1: data): data doorbells \
+                                     share the last one; start QEMU with vectors={want_vectors} \
+                                     and the server with --vectors {want_vectors}",
+                                    fds.len()
+                                );
+                            }
+                            vectors = fds
+                        }
                         Err(e) => log::warn!(
                             "{addr}: cannot enable MSI-X ({e}); doorbells will not wake this agent, \
                              it polls. (VFIO needs interrupt remapping: QEMU -device \
