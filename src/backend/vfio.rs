@@ -5,8 +5,11 @@
 //! pci-driver sets its container up with the Type1v2 IOMMU, so this needs an IOMMU in the guest
 //! (QEMU `intel-iommu`); MSI-X additionally needs interrupt remapping (`intremap=on`) or the
 //! type1 module's `allow_unsafe_interrupts`. Without MSI-X the agent still works, polling.
+//! VFIO's no-IOMMU mode (`/dev/vfio/noiommu-N`), which pci-driver cannot set up, goes through
+//! the small set of VFIO calls in `sys::vfio` instead (untested: Debian's kernels lack it).
 
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use pci_driver::backends::vfio::VfioPciDevice;
@@ -17,6 +20,7 @@ use super::pci::{IvshmemDevice, REG_IVPOSITION};
 use super::Registers;
 use crate::region::raw::VfioBar;
 use crate::region::{GeometryRequest, Region, RegionError};
+use crate::sys::vfio::NoIommuDevice;
 use crate::sys::EventFd;
 
 /// Why the device could not be used through VFIO.
@@ -50,14 +54,25 @@ pub enum VfioError {
 }
 
 /// BAR0 accessed through the VFIO device file.
-pub struct VfioRegisters(OwningPciRegion);
+pub enum VfioRegisters {
+    /// Through pci-driver (IOMMU container).
+    Pci(OwningPciRegion),
+    /// Through our own no-IOMMU VFIO calls.
+    NoIommu(Arc<NoIommuDevice>),
+}
 
 impl Registers for VfioRegisters {
     fn read_u32(&self, off: u64) -> io::Result<u32> {
-        self.0.read_le_u32(off)
+        match self {
+            VfioRegisters::Pci(r) => r.read_le_u32(off),
+            VfioRegisters::NoIommu(d) => d.read_bar0(off),
+        }
     }
     fn write_u32(&self, off: u64, v: u32) -> io::Result<()> {
-        self.0.write_le_u32(off, v)
+        match self {
+            VfioRegisters::Pci(r) => r.write_le_u32(off, v),
+            VfioRegisters::NoIommu(d) => d.write_bar0(off, v),
+        }
     }
 }
 
@@ -69,7 +84,7 @@ pub struct VfioDevice {
     pub registers: VfioRegisters,
     /// One eventfd per enabled MSI-X vector (empty if MSI-X could not be enabled).
     pub vectors: Vec<EventFd>,
-    _device: VfioPciDevice,
+    _device: Option<VfioPciDevice>,
 }
 
 impl VfioDevice {
@@ -82,6 +97,13 @@ impl VfioDevice {
         want_vectors: usize,
     ) -> Result<VfioDevice, VfioError> {
         let addr = dev.addr.clone();
+        if Path::new(&format!("/dev/vfio/noiommu-{group}")).exists() {
+            return Self::open_raw(dev, group, req, want_vectors, true);
+        }
+        if std::env::var_os("IVNET_VFIO_RAW").is_some_and(|v| v == "1") {
+            // Test hook: the no-IOMMU code path on an IOMMU group (see sys::vfio).
+            return Self::open_raw(dev, group, req, want_vectors, false);
+        }
         let device = VfioPciDevice::open(&dev.path).map_err(|source| VfioError::Open {
             addr: addr.clone(),
             group,
@@ -137,7 +159,57 @@ impl VfioDevice {
                 Err(e) => log::warn!("{addr}: cannot create eventfds ({e}); polling"),
             }
         }
-        Ok(VfioDevice { region, registers: VfioRegisters(bar0), vectors, _device: device })
+        Ok(VfioDevice {
+            region,
+            registers: VfioRegisters::Pci(bar0),
+            vectors,
+            _device: Some(device),
+        })
+    }
+
+    /// VFIO's no-IOMMU mode (pci-driver only does IOMMU containers). Not tested: see
+    /// `sys::vfio`.
+    fn open_raw(
+        dev: &IvshmemDevice,
+        group: u32,
+        req: &GeometryRequest,
+        want_vectors: usize,
+        noiommu: bool,
+    ) -> Result<VfioDevice, VfioError> {
+        let addr = dev.addr.clone();
+        let d = if noiommu {
+            log::warn!(
+                "{addr}: VFIO no-IOMMU mode (group noiommu-{group}): the device is not \
+                 isolated; the no-IOMMU specifics are not covered by ivnet's tests"
+            );
+            NoIommuDevice::open(group, &addr)
+        } else {
+            log::info!("{addr}: IVNET_VFIO_RAW=1: ivnet's own VFIO calls on IOMMU group {group}");
+            NoIommuDevice::open_type1(group, &addr)
+        };
+        let d =
+            Arc::new(d.map_err(|source| VfioError::Open { addr: addr.clone(), group, source })?);
+        let map =
+            d.map_bar2().map_err(|source| VfioError::Bar { addr: addr.clone(), bar: 2, source })?;
+        let name = format!("ivshmem {} (vfio, own calls)", dev.addr);
+        let region = Region::attach(Arc::new(map), &name, req)?;
+        let mut vectors = Vec::new();
+        if dev.is_doorbell() {
+            if let Err(e) = d.set_bus_master() {
+                log::warn!("{addr}: cannot set PCI Bus Master ({e}); MSI-X may not be delivered");
+            }
+            match (0..want_vectors).map(|_| EventFd::new()).collect::<io::Result<Vec<EventFd>>>() {
+                Ok(fds) => {
+                    let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+                    match d.enable_msix(&raw) {
+                        Ok(()) => vectors = fds,
+                        Err(e) => log::warn!("{addr}: cannot enable MSI-X ({e}); polling"),
+                    }
+                }
+                Err(e) => log::warn!("{addr}: cannot create eventfds ({e}); polling"),
+            }
+        }
+        Ok(VfioDevice { region, registers: VfioRegisters::NoIommu(d), vectors, _device: None })
     }
 
     /// The IVPosition register.
