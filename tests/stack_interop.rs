@@ -10,8 +10,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -69,39 +68,7 @@ fn kernel_send(ns: &Netns, addr: SocketAddr, bytes: u64, seed: u64) -> NetnsTask
 /// Kernel receiver in `ns`: accepts one connection on `addr` and hashes it to the end. Returns
 /// once it listens.
 fn kernel_recv(ns: &Netns, addr: SocketAddr) -> NetnsTask<TransferEnd> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let task = in_netns(ns, "kernel TCP receiver", move || {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        let _ = ready_tx.send(());
-        listener.set_nonblocking(true).expect("nonblocking listener");
-        let start = Instant::now();
-        let (mut s, _) = loop {
-            match listener.accept() {
-                Ok(x) => break x,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(start.elapsed() < STEP, "no connection to {addr}");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => panic!("accept on {addr}: {e}"),
-            }
-        };
-        s.set_nonblocking(false).expect("blocking");
-        s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut total = 0u64;
-        loop {
-            let n = s.read(&mut buf).unwrap_or_else(|e| panic!("reading after {total} bytes: {e}"));
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            total += n as u64;
-        }
-        TransferEnd { bytes: total, sha256: h.finalize().into() }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("kernel receiver listens");
-    task
+    tcp_receiver(ns, addr, Instant::now() + STEP)
 }
 
 /// `n` kernel TCP clients at once, each sending `size` bytes to an echo server and checking

@@ -790,22 +790,11 @@ pub struct TransferEnd {
 /// Per-operation socket timeout of a transfer: a stalled segment fails the test.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Sends `bytes` pseudo-random bytes over TCP from namespace `client` to a listener at
-/// `server_addr:port` in namespace `server`; returns both ends' byte counts and SHA-256 digests
-/// and the elapsed time. The whole exchange must finish within `timeout`.
-pub fn tcp_transfer(
-    server: &Netns,
-    client: &Netns,
-    server_addr: &str,
-    port: u16,
-    bytes: u64,
-    seed: u64,
-    timeout: Duration,
-) -> (TransferEnd, TransferEnd, Duration) {
-    let addr: SocketAddr = format!("{server_addr}:{port}").parse().expect("socket address");
-    let deadline = Instant::now() + timeout;
+/// A kernel TCP receiver in namespace `ns`: accepts one connection on `addr` (by `deadline`) and
+/// hashes the stream to its end. Returns once it listens.
+pub fn tcp_receiver(ns: &Netns, addr: SocketAddr, deadline: Instant) -> NetnsTask<TransferEnd> {
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
-    let receiver = in_netns(server, "TCP receiver", move || {
+    let receiver = in_netns(ns, "TCP receiver", move || {
         let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking listener");
         let _ = ready_tx.send(());
@@ -837,6 +826,24 @@ pub fn tcp_transfer(
         TransferEnd { bytes: total, sha256: h.finalize().into() }
     });
     ready_rx.recv_timeout(Duration::from_secs(10)).expect("receiver did not start listening");
+    receiver
+}
+
+/// Sends `bytes` pseudo-random bytes over TCP from namespace `client` to a listener at
+/// `server_addr:port` in namespace `server`; returns both ends' byte counts and SHA-256 digests
+/// and the elapsed time. The whole exchange must finish within `timeout`.
+pub fn tcp_transfer(
+    server: &Netns,
+    client: &Netns,
+    server_addr: &str,
+    port: u16,
+    bytes: u64,
+    seed: u64,
+    timeout: Duration,
+) -> (TransferEnd, TransferEnd, Duration) {
+    let addr: SocketAddr = format!("{server_addr}:{port}").parse().expect("socket address");
+    let deadline = Instant::now() + timeout;
+    let receiver = tcp_receiver(server, addr, deadline);
     let sender = in_netns(client, "TCP sender", move || {
         let start = Instant::now();
         let mut s = TcpStream::connect_timeout(&addr, SOCKET_TIMEOUT)
