@@ -523,11 +523,7 @@ impl<T: FrameIo> Datapath<T> {
     }
 
     /// Heartbeat and link checks; due every heartbeat interval. Returns the time of the next.
-    pub fn housekeeping(
-        &mut self,
-        now: Instant,
-        notifier: &mut dyn Notifier,
-    ) -> Result<Instant, DatapathError> {
+    pub fn housekeeping(&mut self, now: Instant) -> Result<Instant, DatapathError> {
         if now < self.next_beat && !self.beat_due {
             return Ok(self.next_beat);
         }
@@ -541,7 +537,6 @@ impl<T: FrameIo> Datapath<T> {
             });
         }
         slot.beat(crate::sys::wall_ms());
-        let _ = notifier;
         self.scan_links(now);
         if now >= self.next_kernel_stats {
             self.next_kernel_stats = now + Duration::from_secs(1);

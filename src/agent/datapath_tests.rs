@@ -47,7 +47,7 @@ fn round(members: &mut [&mut Datapath<FakeTap>]) {
     let now = Instant::now();
     for m in members.iter_mut() {
         m.force_housekeeping();
-        m.housekeeping(now, &mut NoDoorbells).unwrap();
+        m.housekeeping(now).unwrap();
     }
     for m in members.iter_mut() {
         m.set_tap_readable(); // what the TAP's readiness event does in the agent's loop
@@ -158,7 +158,7 @@ fn test_frames_to_a_peer_that_left_are_counted_not_queued() {
     round(&mut [&mut a, &mut b]);
     b.leave();
     a.force_housekeeping();
-    a.housekeeping(Instant::now(), &mut NoDoorbells).unwrap();
+    a.housekeeping(Instant::now()).unwrap();
     a.tap.inbound.push_back(frame(mac(1), mac(0), 1, 100));
     a.set_tap_readable();
     a.tx(Instant::now());

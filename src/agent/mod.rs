@@ -141,7 +141,7 @@ pub fn run(
         link_timeout: cfg.link_timeout,
         ..DatapathOptions::default()
     };
-    let tap_fd = tap.raw_fd_checked();
+    let tap_fd = tap::FrameIo::raw_fd(&tap).expect("a real TAP has a descriptor");
     let tap_name = tap.name().to_string();
     let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
     guard.armed = false;
@@ -165,13 +165,6 @@ pub fn run(
         Err(e) => log::error!("stopping: {e}"),
     }
     result
-}
-
-impl Tap {
-    fn raw_fd_checked(&self) -> RawFd {
-        use tap::FrameIo;
-        self.raw_fd().expect("a real TAP has a descriptor")
-    }
 }
 
 fn event_loop(
@@ -228,7 +221,7 @@ fn event_loop(
             Some(w) => w.notifier.as_mut(),
             None => &mut no_doorbells,
         };
-        let next_hk = dp.housekeeping(now, notifier)?;
+        let next_hk = dp.housekeeping(now)?;
         let work = dp.tx(now) + dp.rx(now, notifier);
         dp.publish(notifier);
         if work > 0 {

@@ -659,8 +659,7 @@ impl Stack {
             }
         }
         if now >= self.waiter.next_housekeeping {
-            let (dp, notifier) = self.device.parts();
-            self.waiter.next_housekeeping = dp.housekeeping(now, notifier)?;
+            self.waiter.next_housekeeping = self.device.datapath().housekeeping(now)?;
         }
         let before = self.device.stats();
         self.iface.poll(ts, &mut self.device, &mut self.sockets);
