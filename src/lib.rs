@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod backend;
 pub mod config;
+pub mod doorbell;
 pub mod mac;
 pub mod region;
 pub mod server;

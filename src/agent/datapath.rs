@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::link::{Claim, LinkEvent, Links};
 use super::switch::{Forward, Switch};
 use super::tap::FrameIo;
+use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA, VECTOR_LINK};
 use crate::region::layout::{
     DoorbellCounter, PeerCounter, DOORBELL_COUNTERS, ETH_OVERHEAD, PEER_COUNTERS,
 };
@@ -20,26 +21,6 @@ use crate::region::{PeerState, Region};
 
 /// How stale the link view may be before a frame is dropped for lack of peers.
 const RESCAN_BEFORE_DROP: Duration = Duration::from_millis(5);
-
-/// Doorbell vector for link-state changes.
-pub const VECTOR_LINK: u16 = 0;
-/// Doorbell vector for data.
-pub const VECTOR_DATA: u16 = 1;
-
-/// Rings another member's doorbell.
-pub trait Notifier {
-    /// Signals `vector` of peer `peer`. Returns false if the peer has no such doorbell.
-    fn notify(&mut self, peer: u32, vector: u16) -> bool;
-}
-
-/// For backends without doorbells (the `file` backend): peers poll, nothing to ring.
-pub struct NoDoorbells;
-
-impl Notifier for NoDoorbells {
-    fn notify(&mut self, _peer: u32, _vector: u16) -> bool {
-        false
-    }
-}
 
 /// A frame held back because its ring was full (back-pressure towards the local stack).
 #[derive(Debug, Clone, Copy)]

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::datapath::{Datapath, DatapathOptions, NoDoorbells, Notifier, VECTOR_DATA};
+use super::datapath::{Datapath, DatapathOptions};
 use super::link::{claim, Claim};
 use super::tap::FakeTap;
+use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA};
 use crate::mac::Mac;
 use crate::region::layout::PeerCounter;
 use crate::region::ring::RingSnapshot;

@@ -21,10 +21,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::config::AgentConfig;
+use crate::doorbell::{NoDoorbells, Notifier, Wakeups, VECTOR_LINK};
 use crate::mac::Mac;
 use crate::region::{PeerKind, PeerState, Region};
-use crate::sys::{EventFd, SignalFd, TimerFd};
-use datapath::{Datapath, DatapathError, DatapathOptions, Notifier};
+use crate::sys::{SignalFd, TimerFd};
+use datapath::{Datapath, DatapathError, DatapathOptions};
 use link::{Claim, ClaimError};
 use tap::{Tap, TapError};
 
@@ -61,24 +62,6 @@ pub enum AgentError {
 
 fn evloop(what: &'static str) -> impl FnOnce(io::Error) -> AgentError {
     move |source| AgentError::EventLoop { what, source }
-}
-
-/// Reads the backend's control channel; pushes the ids of peers that left, or fails when the
-/// channel is gone.
-pub type ControlHandler = Box<dyn FnMut(&mut Vec<u32>) -> io::Result<()>>;
-
-/// Doorbell sources a backend may provide: our own doorbells to wait on, a notifier to ring
-/// peers, and a control channel that reports peers leaving.
-pub struct Wakeups {
-    /// Our own doorbells, one per vector (readable when rung). Empty: we cannot be woken, so
-    /// we poll, but still ring the others (the sysfs backend).
-    pub own: Vec<EventFd>,
-    /// Rings other peers.
-    pub notifier: Box<dyn Notifier>,
-    /// Busy-poll this long after activity before sleeping on the doorbells.
-    pub spin: Duration,
-    /// The backend's control descriptor and its handler.
-    pub control: Option<(RawFd, ControlHandler)>,
 }
 
 /// Without doorbells, how long after the last frame the poll interval starts to back off.
@@ -184,7 +167,7 @@ fn event_loop(
     let timer = TimerFd::new().map_err(evloop("timerfd"))?;
     reg.register(&mut SourceFd(&timer.as_raw_fd()), TOKEN_TIMER, Interest::READABLE)
         .map_err(evloop("register the timer"))?;
-    let mut no_doorbells = datapath::NoDoorbells;
+    let mut no_doorbells = NoDoorbells;
     let spin = wakeups.as_ref().map_or(Duration::ZERO, |w| w.spin);
     if let Some(w) = wakeups.as_mut() {
         for (i, e) in w.own.iter().enumerate() {
@@ -312,7 +295,7 @@ fn event_loop(
                     if let Some(e) = wakeups.as_ref().and_then(|w| w.own.get(vector)) {
                         e.drain();
                     }
-                    if vector == datapath::VECTOR_LINK as usize {
+                    if vector == VECTOR_LINK as usize {
                         dp.force_housekeeping();
                     }
                 }

@@ -15,8 +15,7 @@ pub mod vfio;
 use std::io;
 use std::time::Duration;
 
-use crate::agent::datapath::Notifier;
-use crate::agent::Wakeups;
+use crate::doorbell::{Notifier, Wakeups};
 use crate::region::{GeometryRequest, Region};
 use pci::{DeviceSpec, IvshmemDevice, PciError, REG_DOORBELL};
 

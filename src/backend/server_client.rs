@@ -12,8 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent::datapath::Notifier;
-use crate::agent::ControlHandler;
+use crate::doorbell::{ControlHandler, Notifier, Wakeups};
 use crate::region::{GeometryRequest, Region, RegionError};
 use crate::server::protocol::{Message, MessageReader, ReadOutcome, MAX_PEER_ID, PROTOCOL_VERSION};
 use crate::sys::EventFd;
@@ -273,16 +272,12 @@ impl ServerSession {
         path: &Path,
         req: &GeometryRequest,
         spin: Duration,
-    ) -> Result<(u32, Region, crate::agent::Wakeups), ServerClientError> {
+    ) -> Result<(u32, Region, Wakeups), ServerClientError> {
         let session = Self::connect(path, req, 2)?;
         let (slot, region, notifier) = (session.id, session.region.clone(), session.notifier());
         let (fd, handler, own, _) = session.into_control();
-        let wakeups = crate::agent::Wakeups {
-            own,
-            notifier: Box::new(notifier),
-            spin,
-            control: Some((fd, handler)),
-        };
+        let wakeups =
+            Wakeups { own, notifier: Box::new(notifier), spin, control: Some((fd, handler)) };
         Ok((slot, region, wakeups))
     }
 

@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
-use crate::agent::datapath::{Datapath, Notifier};
+use crate::agent::datapath::Datapath;
 use crate::agent::tap::FrameIo;
+use crate::doorbell::Notifier;
 use crate::region::ring::Consumer;
 
 /// The local side of a stack peer's data path: there is no interface to read from or write to,

@@ -55,12 +55,13 @@ use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv6Address};
 
-use crate::agent::datapath::{Datapath, DatapathError, DatapathOptions, NoDoorbells};
+use crate::agent::datapath::{Datapath, DatapathError, DatapathOptions};
 use crate::agent::link::{self, Claim, ClaimError};
-use crate::agent::{ControlHandler, Wakeups};
 use crate::backend::file::FileBackendError;
 use crate::backend::server_client::{ServerClientError, ServerSession};
 use crate::config::Cidr;
+use crate::doorbell::{ControlHandler, Wakeups};
+use crate::doorbell::{NoDoorbells, Notifier, VECTOR_LINK};
 use crate::mac::Mac;
 use crate::region::layout::DoorbellCounter;
 use crate::region::{GeometryRequest, PeerKind, Region};
@@ -455,11 +456,10 @@ impl Stack {
             reg.register(&mut SourceFd(&s.as_raw_fd()), TOKEN_SIGNAL, Interest::READABLE)
                 .map_err(evloop("watch signals"))?;
         }
-        let (own, notifier, control): (Vec<EventFd>, Box<dyn crate::agent::datapath::Notifier>, _) =
-            match wakeups {
-                Some(w) => (w.own, w.notifier, w.control),
-                None => (Vec::new(), Box::new(NoDoorbells), None),
-            };
+        let (own, notifier, control): (Vec<EventFd>, Box<dyn Notifier>, _) = match wakeups {
+            Some(w) => (w.own, w.notifier, w.control),
+            None => (Vec::new(), Box::new(NoDoorbells), None),
+        };
         for (i, e) in own.iter().enumerate() {
             reg.register(
                 &mut SourceFd(&e.as_raw_fd()),
@@ -774,7 +774,7 @@ impl Stack {
                     if let Some(e) = w.own.get(vector) {
                         e.drain();
                     }
-                    if vector == crate::agent::datapath::VECTOR_LINK as usize {
+                    if vector == VECTOR_LINK as usize {
                         self.device.datapath().force_housekeeping();
                         w.next_housekeeping = now;
                     }
