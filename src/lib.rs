@@ -11,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod doorbell;
 pub mod mac;
+pub mod offload;
 pub mod region;
 pub mod server;
 pub mod stack;
