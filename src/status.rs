@@ -19,6 +19,8 @@ pub struct PeerStatus {
     pub entry: PeerSnapshot,
     /// Age of the last heartbeat by the wall clock, in ms (approximate across VMs).
     pub heartbeat_age_ms: Option<u64>,
+    /// The offloads it accepts as-is (from `features`): `none`, or e.g. `csum,tso4,tso6`.
+    pub offloads: String,
     /// The owner's counters.
     pub counters: PeerCounters,
     /// The owner's doorbell counters.
@@ -50,6 +52,9 @@ pub struct PeerCounters {
     pub local_io_errors: u64,
     /// Frames the kernel dropped before the agent read them (TAP tx_dropped).
     pub local_kernel_drops: u64,
+    /// Dropped: an offload header that was invalid, or a frame that could not be segmented or
+    /// checksummed for a peer that needed it.
+    pub drop_offload: u64,
 }
 
 /// Doorbell counters of a peer.
@@ -116,6 +121,8 @@ impl Status {
                 let d = |k: DoorbellCounter| slot.doorbell_counter(k);
                 Some(PeerStatus {
                     id,
+                    offloads: crate::offload::Features::from_bits_truncate(entry.features)
+                        .to_string(),
                     heartbeat_age_ms: (entry.heartbeat_ms != 0)
                         .then(|| now_ms.saturating_sub(entry.heartbeat_ms)),
                     entry,
@@ -131,6 +138,7 @@ impl Status {
                         drop_runt: c(PeerCounter::DropRunt),
                         local_io_errors: c(PeerCounter::LocalIoErrors),
                         local_kernel_drops: c(PeerCounter::LocalKernelDrops),
+                        drop_offload: c(PeerCounter::DropOffload),
                     },
                     doorbells: DoorbellCounters {
                         rung: d(DoorbellCounter::Rung),
@@ -187,7 +195,7 @@ impl Status {
         }
         let _ = writeln!(
             s,
-            "\n{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6}  {:>10} {:>10} {:>8}",
+            "\n{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6} {:<26} {:>10} {:>10} {:>8}",
             "peer",
             "state",
             "kind",
@@ -196,6 +204,7 @@ impl Status {
             "pid",
             "hb age",
             "mtu",
+            "offloads",
             "tap rx",
             "tap tx",
             "drops"
@@ -212,10 +221,11 @@ impl Status {
                 + c.drop_to_self
                 + c.drop_oversize
                 + c.drop_runt
+                + c.drop_offload
                 + c.local_kernel_drops;
             let _ = writeln!(
                 s,
-                "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6}  {:>10} {:>10} {:>8}",
+                "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6} {:<26} {:>10} {:>10} {:>8}",
                 p.id,
                 format!("{:?}", e.state).to_lowercase(),
                 format!("{:?}", e.kind).to_lowercase(),
@@ -224,6 +234,7 @@ impl Status {
                 e.pid,
                 age,
                 e.mtu,
+                p.offloads,
                 c.local_rx_frames,
                 c.local_tx_frames,
                 drops
@@ -231,8 +242,8 @@ impl Status {
             if drops > 0 {
                 let _ = writeln!(
                     s,
-                    "      drops: no peer up {}, to self {}, oversize {}, runt {}, kernel (TAP read too slowly) {}",
-                    c.drop_no_peer, c.drop_to_self, c.drop_oversize, c.drop_runt, c.local_kernel_drops
+                    "      drops: no peer up {}, to self {}, oversize {}, runt {}, offload {}, kernel (TAP read too slowly) {}",
+                    c.drop_no_peer, c.drop_to_self, c.drop_oversize, c.drop_runt, c.drop_offload, c.local_kernel_drops
                 );
             }
             let d = &p.doorbells;
@@ -246,7 +257,7 @@ impl Status {
         }
         let _ = writeln!(
             s,
-            "\n{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  drops (full/down/stale/corrupt/deliver)",
+            "\n{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  drops (full/down/mtu | stale/corrupt/deliver/size/offload)",
             "ring", "fill", "tx frames", "tx bytes", "rx frames", "rx bytes"
         );
         for r in &self.rings {
@@ -257,7 +268,7 @@ impl Status {
             };
             let _ = writeln!(
                 s,
-                "{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  {}/{}/{}/{}/{}",
+                "{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  {}/{}/{} | {}/{}/{}/{}/{}",
                 format!("{}->{}", r.src, r.dst),
                 fill,
                 x.tx_frames,
@@ -266,9 +277,12 @@ impl Status {
                 x.rx_bytes,
                 x.tx_drop_full,
                 x.tx_drop_down,
+                x.tx_drop_mtu,
                 x.rx_drop_stale,
                 x.rx_corrupt,
-                x.rx_drop_deliver
+                x.rx_drop_deliver,
+                x.rx_drop_size,
+                x.rx_drop_offload
             );
         }
         s

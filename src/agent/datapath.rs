@@ -13,21 +13,48 @@ use super::link::{Claim, LinkEvent, Links};
 use super::switch::{Forward, Switch};
 use super::tap::FrameIo;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA, VECTOR_LINK};
+use crate::offload::{Features, GsoError, Segmenter, VnetHdr, VNET_HDR_LEN};
 use crate::region::layout::{
-    DoorbellCounter, PeerCounter, DOORBELL_COUNTERS, ETH_OVERHEAD, PEER_COUNTERS,
+    DoorbellCounter, PeerCounter, DOORBELL_COUNTERS, ETH_OVERHEAD, PEER_COUNTERS, SUPER_FRAME_MAX,
 };
-use crate::region::ring::{Consumer, Peek, Producer, PushError};
+use crate::region::ring::{Consumer, FrameInfo, Peek, Producer, PushError, RxDrop};
 use crate::region::{PeerState, Region};
 
 /// How stale the link view may be before a frame is dropped for lack of peers.
 const RESCAN_BEFORE_DROP: Duration = Duration::from_millis(5);
 
+/// Bytes of a received frame looked at before it is delivered: enough for the Ethernet, VLAN,
+/// IP (with options) and TCP (with options) headers of an offloaded frame.
+const HEADER_PEEK: usize = 256;
+
 /// A frame held back because its ring was full (back-pressure towards the local stack).
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     len: usize,
+    hdr: VnetHdr,
     dst: u32,
     since: Instant,
+}
+
+/// Why a frame was not queued for one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendError {
+    /// Not enough ring space now.
+    Full,
+    /// It, or its segments, would exceed the destination's MTU.
+    Mtu,
+    /// It needed segmenting or a checksum for this destination, and could not get it.
+    Offload,
+}
+
+/// What this member knows of another peer's interface, read from its slot when its link comes
+/// up (once per incarnation: a peer that rewrites its slot later changes nothing here).
+#[derive(Debug, Clone, Copy)]
+struct PeerIface {
+    /// Offloads it accepts as-is.
+    accepts: Features,
+    /// Largest plain Ethernet frame it takes (its MTU + 18).
+    max_eth: usize,
 }
 
 /// One log line per interval per kind, whatever a peer does.
@@ -61,7 +88,8 @@ impl RateLimit {
 /// Tunables of the data path.
 #[derive(Debug, Clone, Copy)]
 pub struct DatapathOptions {
-    /// The local interface's MTU (frames up to MTU + 18 bytes pass).
+    /// The local interface's MTU (plain frames up to MTU + 18 bytes pass; offloaded ones up to
+    /// 64 KiB, with segments that fit the MTU).
     pub mtu: u32,
     /// How long a peer's heartbeat may stall before its link is down.
     pub link_timeout: Duration,
@@ -115,8 +143,19 @@ pub struct Datapath<T: FrameIo> {
     consumers: Vec<Option<Consumer>>,
     links: Links,
     switch: Switch,
+    /// Offloads of the local interface; `None`: it reads and writes plain frames without a
+    /// virtio-net header.
+    offloads: Option<Features>,
+    /// Bytes before the frame in `buf`: the virtio-net header when the interface has one.
+    hdr_room: usize,
+    /// The transmit buffer: `hdr_room` bytes of header, then the frame (one spare byte beyond
+    /// the largest frame, so a read that fills it is known to be truncated).
     buf: Box<[u8]>,
+    /// Largest plain Ethernet frame the local side sends or takes: MTU + 18.
     max_eth: usize,
+    /// Other peers' interfaces (indexed by peer id).
+    peers: Vec<PeerIface>,
+    segmenter: Segmenter,
     iov: Vec<libc::iovec>,
     pending: Option<Pending>,
     /// Peers whose ring made no progress for the stall timeout: frames to them are dropped
@@ -156,9 +195,11 @@ impl<T: FrameIo> Datapath<T> {
     ) -> Self {
         let me = claim.id;
         let n = region.geometry().max_peers;
+        let offloads = tap.offloads();
         let slot = region.peer(me);
         slot.set_state(PeerState::Joining, claim.incarnation);
-        slot.set_info(mac, opts.mtu, 0, kind, std::process::id());
+        let accepts = offloads.unwrap_or_default();
+        slot.set_info(mac, opts.mtu, accepts.bits(), kind, std::process::id());
         slot.beat(crate::sys::wall_ms());
         let producers = (0..n)
             .map(|d| (d != me).then(|| Producer::new(&region, me, d, claim.epoch())))
@@ -167,6 +208,10 @@ impl<T: FrameIo> Datapath<T> {
         // Release (in set_state): the resets above are visible to whoever sees us up.
         slot.set_state(PeerState::Up, claim.incarnation);
         let max_eth = (opts.mtu + ETH_OVERHEAD) as usize;
+        let hdr_room = if offloads.is_some() { VNET_HDR_LEN } else { 0 };
+        // With offloads the interface hands over super-frames of up to 64 KiB whatever its MTU.
+        let largest =
+            if offloads.is_some() { max_eth.max(SUPER_FRAME_MAX as usize) } else { max_eth };
         let max_segs = region.geometry().max_segments_per_frame() as usize;
         let mut switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
         switch.learn(mac, me, Instant::now());
@@ -178,9 +223,13 @@ impl<T: FrameIo> Datapath<T> {
             producers,
             consumers,
             switch,
-            buf: vec![0u8; max_eth].into_boxed_slice(),
+            offloads,
+            hdr_room,
+            buf: vec![0u8; hdr_room + largest + 1].into_boxed_slice(),
             max_eth,
-            iov: Vec::with_capacity(max_segs),
+            peers: vec![PeerIface { accepts: Features::default(), max_eth: 0 }; n as usize],
+            segmenter: Segmenter::new(),
+            iov: Vec::with_capacity(max_segs + 1),
             pending: None,
             stalled: vec![false; n as usize],
             tap_readable: true,
@@ -239,11 +288,52 @@ impl<T: FrameIo> Datapath<T> {
         self.counters_dirty = true;
     }
 
-    /// Queues `buf[..len]` to `dst`. Returns false if the ring is full (nothing queued).
-    #[inline]
-    fn push_to(&mut self, dst: u32, len: usize) -> Result<(), PushError> {
-        let p = self.producers[dst as usize].as_mut().expect("producer for every other peer");
-        p.push(&[], &self.buf[..len])
+    /// Queues the frame in the transmit buffer (`len` bytes, offload header `hdr`) to `dst`, in
+    /// the form that peer takes: as-is (with its header) when it accepts the frame's offloads,
+    /// else as complete frames, checksummed and segmented to fit its MTU (all or nothing: when
+    /// the ring lacks room for every segment, none is queued).
+    fn send_to(&mut self, dst: u32, len: usize, hdr: &VnetHdr) -> Result<(), SendError> {
+        let Datapath { producers, buf, hdr_room, peers, segmenter, .. } = self;
+        let frame = &buf[*hdr_room..*hdr_room + len];
+        let prod = producers[dst as usize].as_mut().expect("producer for every other peer");
+        let peer = peers[dst as usize];
+        let pushed = |r: Result<(), PushError>| match r {
+            Ok(()) => Ok(()),
+            Err(PushError::Full) => Err(SendError::Full),
+            Err(PushError::Oversize(_) | PushError::Empty) => Err(SendError::Mtu),
+        };
+        if hdr.is_plain() {
+            if len > peer.max_eth {
+                return Err(SendError::Mtu);
+            }
+            return pushed(prod.push(&[], frame));
+        }
+        if peer.accepts.accepts(hdr) {
+            return match hdr.largest_segment_len(frame) {
+                Some(l) if l <= peer.max_eth => pushed(prod.push(&hdr.encode(), frame)),
+                Some(_) => Err(SendError::Mtu),
+                None => Err(SendError::Offload),
+            };
+        }
+        let plan = segmenter.plan(frame, hdr, peer.max_eth).map_err(|e| match e {
+            GsoError::TooLong { .. }
+            | GsoError::DatagramTooLong { .. }
+            | GsoError::NoRoomForPayload { .. } => SendError::Mtu,
+            _ => SendError::Offload,
+        })?;
+        let need = (plan.segments() as u32 - 1) * prod.segments_for(plan.segment_len())
+            + prod.segments_for(plan.last_len());
+        if !prod.has_room_for(need) {
+            return Err(SendError::Full);
+        }
+        let mut result = Ok(());
+        segmenter
+            .emit(frame, &plan, |head, payload| {
+                result = pushed(prod.push_parts(&[], &[head, payload]));
+                result.is_ok()
+            })
+            .map_err(|_| SendError::Offload)?;
+        result
     }
 
     /// Moves frames from the local interface into the rings: at most one batch. Returns the
@@ -254,7 +344,7 @@ impl<T: FrameIo> Datapath<T> {
         }
         let mut handled = 0;
         while handled < self.opts.batch {
-            let len = match self.tap.recv(&mut self.buf) {
+            let n = match self.tap.recv(&mut self.buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.tap_readable = false;
@@ -273,7 +363,19 @@ impl<T: FrameIo> Datapath<T> {
                 }
             };
             handled += 1;
-            if self.forward_local(len, now) {
+            if n >= self.buf.len() {
+                // The kernel truncates a frame that does not fit: never forward a cut frame.
+                self.drop_local(PeerCounter::DropOversize, n - self.hdr_room, now);
+                continue;
+            }
+            let hdr = if self.hdr_room > 0 {
+                let mut h = [0u8; VNET_HDR_LEN];
+                h.copy_from_slice(&self.buf[..VNET_HDR_LEN]);
+                VnetHdr::decode(&h)
+            } else {
+                VnetHdr::default()
+            };
+            if self.forward_local(n.saturating_sub(self.hdr_room), hdr, now) {
                 break; // blocked on a full ring: leave the rest in the TAP queue
             }
         }
@@ -284,12 +386,17 @@ impl<T: FrameIo> Datapath<T> {
     /// back any more (the transmit buffer is free).
     fn retry_pending(&mut self, now: Instant) -> bool {
         let Some(p) = self.pending else { return true };
-        match self.push_to(p.dst, p.len) {
+        match self.send_to(p.dst, p.len, &p.hdr) {
             Ok(()) => {
                 self.pending = None;
                 self.producers[p.dst as usize].as_ref().expect("producer").set_waiting(false);
             }
-            Err(_) => {
+            Err(SendError::Mtu | SendError::Offload) => {
+                // Cannot happen for a frame that was only waiting for room; drop it all the same.
+                self.pending = None;
+                self.producers[p.dst as usize].as_mut().expect("producer").count_drop_mtu();
+            }
+            Err(SendError::Full) => {
                 let prod = self.producers[p.dst as usize].as_mut().expect("producer");
                 if prod.tail_moved() {
                     self.pending = Some(Pending { since: now, ..p });
@@ -310,7 +417,7 @@ impl<T: FrameIo> Datapath<T> {
         self.count(reason, 1);
         if log::log_enabled!(log::Level::Debug) {
             if let Some(s) = self.drop_log.allow(now) {
-                let frame = &self.buf[..len.min(self.buf.len())];
+                let frame = &self.buf[self.hdr_room..(self.hdr_room + len).min(self.buf.len())];
                 log::debug!(
                     "dropped ({reason:?}): {} ({s} similar suppressed)",
                     super::frame::describe(frame)
@@ -319,23 +426,31 @@ impl<T: FrameIo> Datapath<T> {
         }
     }
 
-    /// Sends `buf[..len]`, a frame that came from the local interface, through the switch.
-    /// Returns true if it is now held back because its ring is full.
-    fn forward_local(&mut self, len: usize, now: Instant) -> bool {
+    /// Sends the frame in the transmit buffer (`len` bytes, offload header `hdr`), which came
+    /// from the local interface, through the switch. Returns true if it is now held back
+    /// because its ring is full.
+    fn forward_local(&mut self, len: usize, hdr: VnetHdr, now: Instant) -> bool {
         self.count(PeerCounter::LocalRxFrames, 1);
         self.count(PeerCounter::LocalRxBytes, len as u64);
         if len < 14 {
             self.drop_local(PeerCounter::DropRunt, len, now);
             return false;
         }
-        if len > self.max_eth {
-            self.drop_local(PeerCounter::DropOversize, len, now);
+        let frame = &self.buf[self.hdr_room..self.hdr_room + len];
+        if hdr.is_plain() {
+            if len > self.max_eth {
+                self.drop_local(PeerCounter::DropOversize, len, now);
+                return false;
+            }
+        } else if self.offloads.is_none_or(|f| !f.accepts(&hdr)) || hdr.validate(frame).is_err() {
+            // Our interface never produces such a header: refuse it rather than guess.
+            self.drop_local(PeerCounter::DropOffload, len, now);
             return false;
         }
         let mut dst = [0u8; 6];
         let mut src = [0u8; 6];
-        dst.copy_from_slice(&self.buf[0..6]);
-        src.copy_from_slice(&self.buf[6..12]);
+        dst.copy_from_slice(&frame[0..6]);
+        src.copy_from_slice(&frame[6..12]);
         self.switch.learn(src, self.claim.id, now);
         match self.switch.forward(dst, now) {
             Forward::ToSelf => self.drop_local(PeerCounter::DropToSelf, len, now),
@@ -344,25 +459,29 @@ impl<T: FrameIo> Datapath<T> {
                     self.producers[peer as usize].as_mut().expect("producer").count_drop_down();
                     return false;
                 }
-                return self.unicast(peer, len, now);
+                return self.unicast(peer, len, hdr, now);
             }
-            Forward::Flood => self.flood(len, now),
+            Forward::Flood => self.flood(len, hdr, now),
         }
         false
     }
 
     /// Sends to one peer; returns true if the frame is now pending (ring full).
-    fn unicast(&mut self, peer: u32, len: usize, now: Instant) -> bool {
-        match self.push_to(peer, len) {
+    fn unicast(&mut self, peer: u32, len: usize, hdr: VnetHdr, now: Instant) -> bool {
+        match self.send_to(peer, len, &hdr) {
             Ok(()) => {
                 self.stalled[peer as usize] = false;
                 false
             }
-            Err(PushError::Oversize(_) | PushError::Empty) => {
-                self.drop_local(PeerCounter::DropOversize, len, now);
+            Err(SendError::Mtu) => {
+                self.producers[peer as usize].as_mut().expect("producer").count_drop_mtu();
                 false
             }
-            Err(PushError::Full) => {
+            Err(SendError::Offload) => {
+                self.drop_local(PeerCounter::DropOffload, len, now);
+                false
+            }
+            Err(SendError::Full) => {
                 let prod = self.producers[peer as usize].as_mut().expect("producer");
                 if self.stalled[peer as usize] && !prod.tail_moved() {
                     prod.count_drop_full();
@@ -371,40 +490,89 @@ impl<T: FrameIo> Datapath<T> {
                 self.stalled[peer as usize] = false;
                 // Publish what we have so the consumer can make room, then wait for it.
                 prod.set_waiting(true);
-                self.pending = Some(Pending { len, dst: peer, since: now });
+                self.pending = Some(Pending { len, hdr, dst: peer, since: now });
                 true
             }
         }
     }
 
-    /// Copies the frame to every peer whose link is up; a full ring drops its copy.
-    fn flood(&mut self, len: usize, now: Instant) {
+    /// Copies the frame to every peer whose link is up, each in the form it takes; a full ring
+    /// drops its copy.
+    fn flood(&mut self, len: usize, hdr: VnetHdr, now: Instant) {
         if self.links.up_count() == 0 && now.duration_since(self.last_scan) >= RESCAN_BEFORE_DROP {
             // Nobody up as far as we know: a peer may have joined since the last heartbeat
             // scan (right after start-up, typically). Look again before dropping the frame.
             self.scan_links(now);
         }
         let mut sent = 0;
+        let mut unsendable = false;
         for peer in 0..self.producers.len() as u32 {
             if peer == self.claim.id || !self.links.is_up(peer) {
                 continue;
             }
-            match self.push_to(peer, len) {
+            match self.send_to(peer, len, &hdr) {
                 Ok(()) => sent += 1,
-                Err(PushError::Full) => {
+                Err(SendError::Full) => {
                     self.producers[peer as usize].as_mut().expect("producer").count_drop_full()
                 }
-                Err(PushError::Oversize(_) | PushError::Empty) => {
-                    self.drop_local(PeerCounter::DropOversize, len, now);
-                    return;
+                Err(SendError::Mtu) => {
+                    self.producers[peer as usize].as_mut().expect("producer").count_drop_mtu()
                 }
+                Err(SendError::Offload) => unsendable = true,
             }
         }
-        if sent == 0 {
+        if unsendable {
+            self.drop_local(PeerCounter::DropOffload, len, now);
+        } else if sent == 0 {
             self.drop_local(PeerCounter::DropNoPeer, len, now);
         } else {
             self.count(PeerCounter::Flooded, 1);
         }
+    }
+
+    /// Checks a received frame before it is delivered: its metadata (a virtio-net header, or
+    /// none) must ask only for offloads we accept, and it (offloaded: its segments) must fit our
+    /// MTU. Returns the header to hand to the interface (empty without offloads) and the source
+    /// MAC. Everything is copied out of the ring once and checked here.
+    fn inspect(
+        cons: &Consumer,
+        info: &FrameInfo,
+        offloads: Option<Features>,
+        max_eth: usize,
+    ) -> Result<([u8; VNET_HDR_LEN], [u8; 6]), RxDrop> {
+        let mut vnet = [0u8; VNET_HDR_LEN];
+        let hdr = match info.meta_len {
+            0 => VnetHdr::default(),
+            VNET_HDR_LEN => {
+                cons.copy_meta(&mut vnet);
+                VnetHdr::decode(&vnet)
+            }
+            _ => return Err(RxDrop::Offload),
+        };
+        let mut head = [0u8; HEADER_PEEK];
+        let seen = cons.copy_prefix(&mut head[..info.len.min(HEADER_PEEK)]);
+        if seen < 14 {
+            return Err(RxDrop::Size);
+        }
+        if hdr.is_plain() {
+            if info.len > max_eth {
+                return Err(RxDrop::Size);
+            }
+            // A header that asks for nothing is passed on as zeros.
+            vnet = [0u8; VNET_HDR_LEN];
+        } else {
+            if offloads.is_none_or(|f| !f.accepts(&hdr)) || hdr.validate_len(info.len).is_err() {
+                return Err(RxDrop::Offload);
+            }
+            match hdr.largest_segment_len_of(&head[..seen], info.len) {
+                Some(l) if l <= max_eth => {}
+                Some(_) => return Err(RxDrop::Size),
+                None => return Err(RxDrop::Offload),
+            }
+        }
+        let mut src = [0u8; 6];
+        src.copy_from_slice(&head[6..12]);
+        Ok((vnet, src))
     }
 
     /// Drains the rings addressed to us into the local interface: at most one batch per ring.
@@ -441,13 +609,19 @@ impl<T: FrameIo> Datapath<T> {
                     }
                     Peek::Frame(info) => {
                         n += 1;
-                        let mut hdr = [0u8; 12];
-                        if cons.copy_prefix(&mut hdr) == 12 && hdr[6] & 1 == 0 {
-                            let mut mac = [0u8; 6];
-                            mac.copy_from_slice(&hdr[6..12]);
-                            self.switch.learn(mac, src, now);
+                        let (vnet, src_mac) =
+                            match Self::inspect(cons, &info, self.offloads, self.max_eth) {
+                                Ok(v) => v,
+                                Err(why) => {
+                                    cons.drop_current(why);
+                                    continue;
+                                }
+                            };
+                        if src_mac[0] & 1 == 0 {
+                            self.switch.learn(src_mac, src, now);
                         }
-                        match self.tap.send_from_ring(cons, &mut self.iov) {
+                        let hdr: &[u8] = if self.hdr_room > 0 { &vnet } else { &[] };
+                        match self.tap.send_from_ring(cons, hdr, &mut self.iov) {
                             Ok(_) => {
                                 cons.advance(true);
                                 self.counters[PeerCounter::LocalTxFrames as usize] += 1;
@@ -535,15 +709,40 @@ impl<T: FrameIo> Datapath<T> {
     /// held for a peer that went down).
     fn scan_links(&mut self, now: Instant) {
         self.last_scan = now;
-        let Datapath { links, region, switch, stalled, pending, .. } = self;
+        let Datapath { links, region, switch, stalled, pending, peers, .. } = self;
+        let segment_mtu = region.geometry().mtu;
+        // What the peer's interface takes, read once per incarnation. The values are the
+        // peer's own business: a wrong MTU or feature set only costs it frames.
+        let mut read_iface = |id: u32| {
+            let snap = region.peer(id).snapshot();
+            let mtu = snap.mtu.clamp(68, segment_mtu);
+            let iface = PeerIface {
+                accepts: Features::from_bits_truncate(snap.features),
+                max_eth: (mtu + ETH_OVERHEAD) as usize,
+            };
+            peers[id as usize] = iface;
+            iface
+        };
         links.tick(region, now, |ev| match ev {
             LinkEvent::Up { id, mac } => {
-                log::info!("peer {id} ({}) is up", crate::mac::Mac(mac));
+                let iface = read_iface(id);
+                log::info!(
+                    "peer {id} ({}) is up: MTU {}, offloads {}",
+                    crate::mac::Mac(mac),
+                    iface.max_eth - ETH_OVERHEAD as usize,
+                    iface.accepts
+                );
                 switch.learn(mac, id, now);
                 stalled[id as usize] = false;
             }
             LinkEvent::Restarted { id, mac } => {
-                log::info!("peer {id} ({}) restarted with a new incarnation", crate::mac::Mac(mac));
+                let iface = read_iface(id);
+                log::info!(
+                    "peer {id} ({}) restarted with a new incarnation: MTU {}, offloads {}",
+                    crate::mac::Mac(mac),
+                    iface.max_eth - ETH_OVERHEAD as usize,
+                    iface.accepts
+                );
                 switch.forget_peer(id);
                 switch.learn(mac, id, now);
                 stalled[id as usize] = false;
@@ -641,7 +840,7 @@ impl<T: FrameIo> Datapath<T> {
         if self.pending.is_some() || len > self.max_eth {
             return None;
         }
-        Some(&mut self.buf[..len])
+        Some(&mut self.buf[self.hdr_room..self.hdr_room + len])
     }
 
     /// Sends the frame just written into [`Datapath::tx_buffer`]`(len)` through the switch,
@@ -652,7 +851,7 @@ impl<T: FrameIo> Datapath<T> {
             // No buffer was handed out for this frame: nothing to send.
             return self.pending.is_some();
         }
-        self.forward_local(len, now)
+        self.forward_local(len, VnetHdr::default(), now)
     }
 
     /// Counts a frame the local side had to discard because a frame was held back (its ring
@@ -688,8 +887,17 @@ impl<T: FrameIo> Datapath<T> {
             // The producer's current incarnation: frames from any earlier life are dropped.
             let epoch = self.region.peer(src as u32).incarnation() as u32;
             loop {
-                let Datapath { consumers, switch, counters, corrupt_log, rx_taken, opts, .. } =
-                    &mut *self;
+                let Datapath {
+                    consumers,
+                    switch,
+                    counters,
+                    corrupt_log,
+                    rx_taken,
+                    opts,
+                    offloads,
+                    max_eth,
+                    ..
+                } = &mut *self;
                 let Some(cons) = consumers[src].as_mut() else { break };
                 match cons.peek(epoch) {
                     Peek::Empty => break,
@@ -700,15 +908,23 @@ impl<T: FrameIo> Datapath<T> {
                         }
                         break;
                     }
-                    Peek::Frame(_) => {
-                        let mut hdr = [0u8; 12];
-                        if cons.copy_prefix(&mut hdr) == 12 && hdr[6] & 1 == 0 {
-                            let mut mac = [0u8; 6];
-                            mac.copy_from_slice(&hdr[6..12]);
-                            switch.learn(mac, src as u32, now);
-                        }
-                        let got = deliver(cons);
-                        cons.advance(got > 0);
+                    Peek::Frame(info) => {
+                        // A pull-style local side takes plain frames: anything else is dropped
+                        // here, counted, like a frame too long for it.
+                        let got = match Self::inspect(cons, &info, *offloads, *max_eth) {
+                            Ok((_, src_mac)) => {
+                                if src_mac[0] & 1 == 0 {
+                                    switch.learn(src_mac, src as u32, now);
+                                }
+                                let got = deliver(cons);
+                                cons.advance(got > 0);
+                                got
+                            }
+                            Err(why) => {
+                                cons.drop_current(why);
+                                0
+                            }
+                        };
                         rx_taken[src] += 1;
                         let batch_done = rx_taken[src] as usize >= opts.batch;
                         if got > 0 {

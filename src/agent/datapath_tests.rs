@@ -8,16 +8,18 @@ use super::link::{claim, Claim};
 use super::tap::FakeTap;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA};
 use crate::mac::Mac;
+use crate::offload::{Features, VnetHdr, VNET_HDR_LEN};
+use crate::region::layout::Geometry;
 use crate::region::layout::PeerCounter;
-use crate::region::ring::RingSnapshot;
+use crate::region::ring::{Producer, RingSnapshot};
 use crate::region::{GeometryRequest, HeapMemory, PeerKind, Region};
 
 fn region(peers: u32, slots: u32) -> Region {
     let req = GeometryRequest {
         max_peers: Some(peers),
         ring_slots: Some(slots),
+        slot_size: Some(Geometry::min_slot_size(slots, 9000).max(2048)),
         mtu: Some(9000),
-        ..Default::default()
     };
     let size = req.resolve(u64::MAX).unwrap().layout().unwrap().total;
     Region::attach(Arc::new(HeapMemory::new(size)), "dp-test", &req).unwrap()
@@ -203,4 +205,119 @@ fn test_doorbell_only_for_a_sleeping_consumer() {
     assert_eq!(bells.0, vec![(1, VECTOR_DATA)]);
     // Data arrived: B must not sleep.
     assert!(b.prepare_to_sleep());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offloads: per-peer decisions, and a receiver's guards against what it cannot take.
+// ---------------------------------------------------------------------------------------------
+
+/// A member whose fake TAP has `offloads` (None: plain frames) and MTU `mtu`.
+fn member_with(r: &Region, id: u32, offloads: Option<Features>, mtu: u32) -> Datapath<FakeTap> {
+    let c: Claim = claim(r, Some(id), Duration::from_millis(50)).unwrap();
+    let opts = DatapathOptions { mtu, ..Default::default() };
+    let tap = FakeTap { offloads, ..Default::default() };
+    Datapath::join(r.clone(), c, tap, Mac::for_peer(id).0, PeerKind::Agent, opts)
+}
+
+/// A frame the kernel handed a real TAP (see src/offload/testdata/), readdressed from `src` to
+/// `dst`: its virtio-net header and the Ethernet frame.
+fn captured(name: &str, dst: [u8; 6], src: [u8; 6]) -> (VnetHdr, Vec<u8>) {
+    let path = format!("{}/src/offload/testdata/{name}.bin", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let hdr = VnetHdr::decode(bytes[..VNET_HDR_LEN].try_into().unwrap());
+    let mut frame = bytes[VNET_HDR_LEN..].to_vec();
+    frame[0..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
+    (hdr, frame)
+}
+
+/// What a TAP with offloads reads: header, then frame.
+fn with_header(hdr: &VnetHdr, frame: &[u8]) -> Vec<u8> {
+    let mut v = hdr.encode().to_vec();
+    v.extend_from_slice(frame);
+    v
+}
+
+/// The TCP or UDP payload of a complete frame, checking its lengths with etherparse.
+fn l4_payload(frame: &[u8]) -> Vec<u8> {
+    let p = etherparse::SlicedPacket::from_ethernet(frame).expect("a parsable frame");
+    match p.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => t.payload().to_vec(),
+        Some(etherparse::TransportSlice::Udp(u)) => u.payload().to_vec(),
+        other => panic!("not TCP or UDP: {other:?}"),
+    }
+}
+
+#[test]
+fn test_super_frames_go_as_they_are_to_offload_peers_and_segmented_to_others() {
+    let r = region(3, 256);
+    let all = Some(Features::ALL);
+    let (mut a, mut b, mut c) = (
+        member_with(&r, 0, all, 1500),
+        member_with(&r, 1, all, 1500),
+        member_with(&r, 2, None, 1500),
+    );
+    round(&mut [&mut a, &mut b, &mut c]);
+    for name in ["tcp4_gso", "tcp6_gso_fin", "tcp4_ecn_gso", "udp4_uso", "udp6_uso", "tcp4_csum"] {
+        let (hdr, to_b) = captured(name, mac(1), mac(0));
+        let (_, to_c) = captured(name, mac(2), mac(0));
+        a.tap.inbound.push_back(with_header(&hdr, &to_b));
+        a.tap.inbound.push_back(with_header(&hdr, &to_c));
+        b.tap.outbound.clear();
+        c.tap.outbound.clear();
+        round(&mut [&mut a, &mut b, &mut c]);
+        // B takes offloads: one frame, header and bytes unchanged.
+        assert_eq!(b.tap.outbound.len(), 1, "{name}");
+        let got = &b.tap.outbound[0];
+        assert_eq!(VnetHdr::decode(got[..VNET_HDR_LEN].try_into().unwrap()), hdr, "{name}");
+        assert_eq!(&got[VNET_HDR_LEN..], &to_b[..], "{name}");
+        // C takes none: complete frames of at most its MTU whose payloads add up to the
+        // super-frame's.
+        assert!(!c.tap.outbound.is_empty(), "{name}");
+        let mut payload = Vec::new();
+        for f in &c.tap.outbound {
+            assert!(f.len() <= 1514, "{name}: a {}-byte frame reached an MTU 1500 peer", f.len());
+            payload.extend_from_slice(&l4_payload(f));
+        }
+        assert_eq!(payload, l4_payload(&to_c), "{name}: payload differs after segmentation");
+    }
+    for dst in [1, 2] {
+        let s = RingSnapshot::read(&r, 0, dst);
+        assert_eq!((s.tx_drop_mtu, s.rx_drop_size, s.rx_drop_offload), (0, 0, 0), "ring 0->{dst}");
+    }
+}
+
+#[test]
+fn test_receiver_drops_what_it_cannot_take_and_counts_it() {
+    let r = region(2, 256);
+    let (mut a, mut b) = (member_with(&r, 0, None, 9000), member_with(&r, 1, None, 1500));
+    round(&mut [&mut a, &mut b]);
+    // A producer that ignores B's MTU and offloads (a broken or hostile sender).
+    let mut evil = Producer::new(&r, 0, 1, a.claim().epoch());
+    evil.push(&[], &frame(mac(1), mac(0), 1, 9018)).unwrap();
+    let (hdr, gso) = captured("tcp4_gso", mac(1), mac(0));
+    evil.push(&hdr.encode(), &gso).unwrap();
+    evil.push(&[1, 2, 3], &frame(mac(1), mac(0), 2, 100)).unwrap();
+    evil.push(&[], &frame(mac(1), mac(0), 3, 10)).unwrap();
+    evil.push(&[], &frame(mac(1), mac(0), 4, 1514)).unwrap();
+    evil.publish();
+    b.rx(Instant::now(), &mut NoDoorbells);
+    b.publish(&mut NoDoorbells);
+    assert_eq!(b.tap.outbound, vec![frame(mac(1), mac(0), 4, 1514)], "only the fitting frame");
+    let s = RingSnapshot::read(&r, 0, 1);
+    assert_eq!((s.rx_drop_size, s.rx_drop_offload), (2, 2), "{s:?}");
+}
+
+#[test]
+fn test_sender_does_not_send_a_frame_larger_than_the_peers_mtu() {
+    let r = region(2, 256);
+    let (mut a, mut b) = (member_with(&r, 0, None, 9000), member_with(&r, 1, None, 1500));
+    round(&mut [&mut a, &mut b]);
+    a.tap.inbound.push_back(frame(mac(1), mac(0), 1, 9018));
+    a.tap.inbound.push_back(frame([0xff; 6], mac(0), 2, 4000));
+    a.tap.inbound.push_back(frame(mac(1), mac(0), 3, 1518));
+    round(&mut [&mut a, &mut b]);
+    assert_eq!(b.tap.outbound, vec![frame(mac(1), mac(0), 3, 1518)]);
+    let s = RingSnapshot::read(&r, 0, 1);
+    assert_eq!((s.tx_drop_mtu, s.rx_drop_size), (2, 0));
 }

@@ -105,7 +105,7 @@ pub fn run(
     if cfg.mtu > g.mtu {
         return Err(AgentError::MtuTooLarge { mtu: cfg.mtu, segment_mtu: g.mtu });
     }
-    let tap = Tap::create(&cfg.tap)?;
+    let tap = Tap::create(&cfg.tap, cfg.offload)?;
     let claim = match assigned_id {
         // The doorbell server (or the device's IVPosition) decides: nobody else holds this id.
         Some(id) => link::claim_assigned(&region, id)?,
@@ -125,17 +125,19 @@ pub fn run(
         ..DatapathOptions::default()
     };
     let tap_fd = tap::FrameIo::raw_fd(&tap).expect("a real TAP has a descriptor");
+    let offloads = tap::FrameIo::offloads(&tap);
     let tap_name = tap.name().to_string();
     let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
     guard.armed = false;
     log::info!(
-        "joined {} as peer {} (incarnation {}): {} MAC {} MTU {}{}",
+        "joined {} as peer {} (incarnation {}): {} MAC {} MTU {} offloads {}{}",
         region.name(),
         claim.id,
         claim.incarnation,
         tap_name,
         mac,
         cfg.mtu,
+        offloads.map_or_else(|| "off".to_string(), |f| f.to_string()),
         cfg.addresses.iter().map(|a| format!(" {a}")).collect::<String>()
     );
     let result = event_loop(&mut dp, tap_fd, &signals, cfg, &mut wakeups);

@@ -6,22 +6,70 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use crate::offload::{Features, VNET_HDR_LEN};
 use crate::region::ring::Consumer;
 use crate::sys;
 
 /// Frames in and out of the local network stack.
 pub trait FrameIo {
-    /// Reads one frame into `buf` without blocking (`WouldBlock` when none is queued).
+    /// Reads one frame into `buf` without blocking (`WouldBlock` when none is queued). With
+    /// offloads ([`FrameIo::offloads`] is `Some`) the frame is preceded by its virtio-net header.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Writes the consumer's current frame, straight from the ring where possible.
-    fn send_from_ring(&mut self, cons: &Consumer, iov: &mut Vec<libc::iovec>) -> io::Result<usize>;
+    /// Writes the consumer's current frame, straight from the ring where possible, preceded by
+    /// `vnet_hdr` (empty when the interface takes no header).
+    fn send_from_ring(
+        &mut self,
+        cons: &Consumer,
+        vnet_hdr: &[u8],
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize>;
     /// The descriptor to wait on for readability, if any.
     fn raw_fd(&self) -> Option<RawFd>;
     /// Frames the kernel dropped before we could read them, if it tells.
     fn kernel_drops(&self) -> Option<u64> {
         None
+    }
+    /// The offloads the interface produces and accepts: `Some` means every frame read or
+    /// written is preceded by a virtio-net header; `None`, plain frames only.
+    fn offloads(&self) -> Option<Features> {
+        None
+    }
+}
+
+/// Whether the TAP uses the kernel's segmentation and checksum offloads (`--offload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadMode {
+    /// On when the kernel's TAP accepts them, else off (with a log line saying why).
+    #[default]
+    Auto,
+    /// On, or the agent does not start.
+    On,
+    /// Off: plain frames of at most the MTU, checksums complete.
+    Off,
+}
+
+impl std::str::FromStr for OffloadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(OffloadMode::Auto),
+            "on" => Ok(OffloadMode::On),
+            "off" => Ok(OffloadMode::Off),
+            _ => Err(format!("{s:?} is not an offload mode: use auto, on or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for OffloadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OffloadMode::Auto => "auto",
+            OffloadMode::On => "on",
+            OffloadMode::Off => "off",
+        })
     }
 }
 
@@ -61,6 +109,20 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    /// `--offload on` and the kernel refused the virtio-net header or every offload.
+    #[error(
+        "TAP {name}: the kernel refused {what}, so --offload on cannot be honoured: use \
+         --offload auto (falls back to plain frames) or --offload off"
+    )]
+    Offload {
+        /// Interface name.
+        name: String,
+        /// What was refused.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// A configuration ioctl failed.
     #[error("TAP {name}: cannot {step}")]
     Configure {
@@ -89,32 +151,80 @@ pub fn validate_name(name: &str) -> Result<(), TapError> {
 
 /// A TAP interface, open non-blocking, removed when dropped.
 pub struct Tap {
-    iface: tun_tap::Iface,
+    fd: OwnedFd,
     name: String,
+    offloads: Option<Features>,
+}
+
+/// Offload sets to try, largest first: TUNSETOFFLOAD refuses any bit the kernel does not know
+/// (USO arrived in Linux 6.2), so the first one accepted is what this kernel can do.
+const OFFLOAD_PROBES: [Features; 3] = [
+    Features::ALL,
+    Features::from_bits_truncate(Features::ALL.bits() & !Features::USO.bits()),
+    Features::CSUM,
+];
+
+fn open_error(name: &str, source: io::Error) -> TapError {
+    match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => TapError::NotPermitted { name: name.into() },
+        Some(libc::EBUSY) | Some(libc::EINVAL) => TapError::Busy { name: name.into(), source },
+        _ => TapError::Open { name: name.into(), source },
+    }
 }
 
 impl Tap {
-    /// Creates (or attaches to a persistent) TAP called `name`.
-    pub fn create(name: &str) -> Result<Tap, TapError> {
+    /// Creates (or attaches to a persistent) TAP called `name`, with offloads as `mode` asks.
+    pub fn create(name: &str, mode: OffloadMode) -> Result<Tap, TapError> {
         validate_name(name)?;
-        let iface =
-            tun_tap::Iface::without_packet_info(name, tun_tap::Mode::Tap).map_err(|source| {
-                match source.raw_os_error() {
-                    Some(libc::EPERM) | Some(libc::EACCES) => {
-                        TapError::NotPermitted { name: name.into() }
-                    }
-                    Some(libc::EBUSY) | Some(libc::EINVAL) => {
-                        TapError::Busy { name: name.into(), source }
-                    }
-                    _ => TapError::Open { name: name.into(), source },
+        if mode == OffloadMode::Off {
+            return Self::open_plain(name);
+        }
+        let (fd, actual) = sys::tun::open_tap(name, true).map_err(|e| open_error(name, e))?;
+        let refused = |what: &'static str, source: io::Error| -> Result<Tap, TapError> {
+            if mode == OffloadMode::On {
+                return Err(TapError::Offload { name: name.into(), what, source });
+            }
+            log::warn!(
+                "TAP {name}: the kernel refused {what} ({source}); using plain frames without \
+                 offloads (slower; --offload off says so explicitly)"
+            );
+            Ok(Tap {
+                fd: sys::tun::open_tap(name, false).map_err(|e| open_error(name, e))?.0,
+                name: name.into(),
+                offloads: None,
+            })
+        };
+        if let Err(e) = sys::tun::set_vnet_hdr(fd.as_raw_fd(), VNET_HDR_LEN) {
+            drop(fd);
+            return refused("the virtio-net header (TUNSETVNETHDRSZ/TUNSETVNETLE)", e);
+        }
+        let mut last = None;
+        for want in OFFLOAD_PROBES {
+            match sys::tun::set_offload(fd.as_raw_fd(), want.to_tun_flags()) {
+                Ok(()) => {
+                    let tap = Tap { fd, name: actual, offloads: Some(want) };
+                    // A write is charged to this buffer until the kernel frees it (a TCP socket
+                    // holds it until the application reads): 64 KiB frames would exhaust a small
+                    // one at once (QEMU sets the same).
+                    tap.step(
+                        "set its send buffer".into(),
+                        sys::tun::set_sndbuf(tap.fd.as_raw_fd(), libc::c_int::MAX),
+                    )?;
+                    return Ok(tap);
                 }
-            })?;
-        iface.set_non_blocking().map_err(|source| TapError::Configure {
-            name: name.into(),
-            step: "make it non-blocking".into(),
-            source,
-        })?;
-        Ok(Tap { name: iface.name().to_string(), iface })
+                Err(e) => last = Some(e),
+            }
+        }
+        drop(fd);
+        refused(
+            "every offload (TUNSETOFFLOAD)",
+            last.unwrap_or_else(|| io::ErrorKind::Unsupported.into()),
+        )
+    }
+
+    fn open_plain(name: &str) -> Result<Tap, TapError> {
+        let (fd, actual) = sys::tun::open_tap(name, false).map_err(|e| open_error(name, e))?;
+        Ok(Tap { fd, name: actual, offloads: None })
     }
 
     /// The interface name the kernel gave.
@@ -155,22 +265,31 @@ impl Tap {
 impl FrameIo for Tap {
     #[inline]
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.iface.recv(buf)
+        sys::tun::read_frame(self.fd.as_raw_fd(), buf)
     }
 
     #[inline]
-    fn send_from_ring(&mut self, cons: &Consumer, iov: &mut Vec<libc::iovec>) -> io::Result<usize> {
-        cons.write_frame_to(self.iface.as_raw_fd(), iov)
+    fn send_from_ring(
+        &mut self,
+        cons: &Consumer,
+        vnet_hdr: &[u8],
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        cons.write_frame_to(self.fd.as_raw_fd(), vnet_hdr, iov)
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
-        Some(self.iface.as_raw_fd())
+        Some(self.fd.as_raw_fd())
     }
 
     fn kernel_drops(&self) -> Option<u64> {
         // The TAP's transmit side is the kernel handing frames to us.
         let path = format!("/sys/class/net/{}/statistics/tx_dropped", self.name);
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    fn offloads(&self) -> Option<Features> {
+        self.offloads
     }
 }
 
@@ -184,6 +303,9 @@ pub struct FakeTap {
     pub outbound: Vec<Vec<u8>>,
     /// When set, writes fail with this error kind.
     pub fail_writes: Option<io::ErrorKind>,
+    /// Offloads it claims (frames read and written then carry a virtio-net header, which is
+    /// part of the queued and recorded bytes).
+    pub offloads: Option<Features>,
 }
 
 impl FrameIo for FakeTap {
@@ -201,6 +323,7 @@ impl FrameIo for FakeTap {
     fn send_from_ring(
         &mut self,
         cons: &Consumer,
+        vnet_hdr: &[u8],
         _iov: &mut Vec<libc::iovec>,
     ) -> io::Result<usize> {
         if let Some(kind) = self.fail_writes {
@@ -209,12 +332,19 @@ impl FrameIo for FakeTap {
         let mut buf = vec![0u8; 70_000];
         let n = cons.copy_frame(&mut buf);
         buf.truncate(n);
-        self.outbound.push(buf);
-        Ok(n)
+        let mut out = vnet_hdr.to_vec();
+        out.extend_from_slice(&buf);
+        let len = out.len();
+        self.outbound.push(out);
+        Ok(len)
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
         None
+    }
+
+    fn offloads(&self) -> Option<Features> {
+        self.offloads
     }
 }
 

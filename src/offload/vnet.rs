@@ -242,7 +242,12 @@ impl VnetHdr {
     /// It does not parse the frame: a GSO frame that passes may still be refused by
     /// [`crate::offload::Segmenter::plan`], and the kernel checks the headers itself.
     pub fn validate(&self, frame: &[u8]) -> Result<(), VnetError> {
-        let len = frame.len();
+        self.validate_len(frame.len())
+    }
+
+    /// [`Self::validate`] for a frame of `len` bytes that is not at hand as one slice (a frame
+    /// still in a ring): the checks use only its length.
+    pub fn validate_len(&self, len: usize) -> Result<(), VnetError> {
         if len < ETH_HLEN {
             return Err(VnetError::FrameTooShort(len));
         }
@@ -307,12 +312,18 @@ impl VnetHdr {
     /// UDP), never `hdr_len`. `None` if that cannot be determined (GSO without NEEDS_CSUM,
     /// an unknown type, a TCP header outside the frame): such a frame is not deliverable as it is.
     pub fn largest_segment_len(&self, frame: &[u8]) -> Option<usize> {
+        self.largest_segment_len_of(frame, frame.len())
+    }
+
+    /// [`Self::largest_segment_len`] for a frame of `frame_len` bytes of which only the first
+    /// bytes, `head` (enough to hold its headers), are at hand.
+    pub fn largest_segment_len_of(&self, head: &[u8], frame_len: usize) -> Option<usize> {
         let l4 = usize::from(self.csum_start);
         let l4_hlen = match self.gso().ok()? {
-            Gso::None => return Some(frame.len()),
+            Gso::None => return Some(frame_len),
             _ if !self.needs_csum() => return None,
             Gso::Tcp4 { .. } | Gso::Tcp6 { .. } => {
-                let doff = usize::from(*frame.get(l4 + 12)? >> 4) * 4;
+                let doff = usize::from(*head.get(l4 + 12)? >> 4) * 4;
                 if doff < TCP_MIN_HLEN {
                     return None;
                 }
@@ -321,10 +332,10 @@ impl VnetHdr {
             Gso::Udp => UDP_HLEN,
         };
         let headers = l4 + l4_hlen;
-        if headers > frame.len() {
+        if headers > frame_len {
             return None;
         }
-        Some(frame.len().min(headers + usize::from(self.gso_size)))
+        Some(frame_len.min(headers + usize::from(self.gso_size)))
     }
 }
 

@@ -26,11 +26,14 @@ pub const RING_CONTROL_SIZE: usize = 256;
 pub const DESC_SIZE: usize = 32;
 /// Largest number of peers a region may be laid out for.
 pub const MAX_PEERS_LIMIT: u32 = 64;
-/// Largest frame payload (Ethernet header included) any region carries: 64 KiB.
-pub const MAX_FRAME_LIMIT: u32 = 65535 + 18;
+/// Largest Ethernet frame a TAP with segmentation offloads hands over (and so the largest frame
+/// a ring carries, whatever the MTU): an Ethernet header with one VLAN tag, an IPv6 header and
+/// the largest IPv6 payload (a USO datagram can fill it; TSO frames stay below 64 KiB).
+pub const SUPER_FRAME_MAX: u32 = 14 + 4 + 40 + 65535;
 /// Largest MTU (the TAP driver's own limit is 65521).
 pub const MTU_LIMIT: u32 = 65535;
-/// Room reserved before each frame for per-frame metadata (a virtio-net header is planned).
+/// Room reserved before each frame for per-frame metadata: a frame with offloads (a GSO
+/// super-frame, or a partial checksum) carries its 12-byte virtio-net header there.
 pub const MAX_META: u32 = 64;
 /// Bytes an Ethernet header with one VLAN tag adds to the MTU.
 pub const ETH_OVERHEAD: u32 = 18;
@@ -101,7 +104,8 @@ pub mod peer {
     pub const MAC: usize = 32;
     /// u32 MTU of the owner's interface.
     pub const MTU: usize = 40;
-    /// u32 features the owner supports.
+    /// u32 offloads the owner accepts as-is (`offload::Features` bits: frames with a partial
+    /// checksum, TSO, USO); a sender segments and checksums for a peer that lacks one.
     pub const FEATURES: usize = 44;
     /// u32 kind of member (agent, stack, ...), informational.
     pub const KIND: usize = 48;
@@ -133,6 +137,9 @@ pub mod ring {
     pub const TX_DROP_FULL: usize = 24;
     /// u64 frames dropped because the destination was down.
     pub const TX_DROP_DOWN: usize = 32;
+    /// u64 frames not sent because they (or their segments) were larger than the destination's
+    /// MTU, or could not be segmented for it.
+    pub const TX_DROP_MTU: usize = 40;
     /// u32 consumer's tail: the oldest unread segment (consumer line).
     pub const TAIL: usize = 128;
     /// u32 set by the consumer before it sleeps waiting for data (consumer line).
@@ -147,6 +154,12 @@ pub mod ring {
     pub const RX_CORRUPT: usize = 160;
     /// u64 frames the consumer could not deliver (its interface refused them).
     pub const RX_DROP_DELIVER: usize = 168;
+    /// u64 frames dropped because of their size: shorter than an Ethernet header, or longer
+    /// (offloaded: segments longer) than the consumer's MTU allows.
+    pub const RX_DROP_SIZE: usize = 176;
+    /// u64 frames dropped because their metadata was invalid or asked for an offload the
+    /// consumer does not accept.
+    pub const RX_DROP_OFFLOAD: usize = 184;
 }
 
 /// Descriptor flag: first segment of a frame.
@@ -154,8 +167,6 @@ pub const DESC_FIRST: u16 = 1;
 /// Descriptor flag: last segment of a frame (seed claim 45's "last fragment").
 pub const DESC_LAST: u16 = 2;
 
-/// Feature bit (incompat): frames carry a virtio-net header as metadata. Not used yet.
-pub const FEATURE_VNET_HDR: u32 = 1;
 /// Incompatible features this build understands.
 pub const KNOWN_INCOMPAT: u32 = 0;
 
@@ -248,6 +259,9 @@ pub enum PeerCounter {
     /// Frames the kernel dropped on the way to us because we read the TAP too slowly (its
     /// `tx_dropped`; TCP sees these as losses).
     LocalKernelDrops,
+    /// Local frames dropped because their offload header was invalid, or they could not be
+    /// segmented or checksummed for a peer that needed it.
+    DropOffload,
 }
 
 /// Number of counter slots reserved in a peer entry.
@@ -302,8 +316,9 @@ pub enum GeometryError {
     Mtu(u32),
     /// A largest frame does not fit in a ring.
     #[error(
-        "a {frame}-byte frame needs {need} segments of {slot_size} bytes but a ring has only \
-         {slots}: raise --slots or --slot-size, or lower --mtu"
+        "a ring must hold two of the largest frames ({frame} bytes with metadata: an offloaded \
+         64 KiB super-frame, whatever the MTU), which need {need} segments of {slot_size} bytes \
+         each, but a ring has only {slots}: raise --slots, or --slot-size to at least {min_slot_size}"
     )]
     FrameTooLargeForRing {
         /// Largest frame with metadata.
@@ -314,6 +329,8 @@ pub enum GeometryError {
         slot_size: u32,
         /// Segments per ring.
         slots: u32,
+        /// The smallest segment size that would do with this many segments.
+        min_slot_size: u32,
     },
     /// The layout needs more memory than the region has.
     #[error(
@@ -365,14 +382,28 @@ impl Geometry {
     /// Default segment MTU: the TAP driver's maximum, so every member can choose its own up to it.
     pub const DEFAULT_MTU: u32 = 65521;
 
+    /// Largest Ethernet frame (without metadata) a ring carries: a full-MTU frame, or an
+    /// offloaded super-frame, whichever is larger.
+    pub fn max_ethernet_frame(&self) -> u32 {
+        (self.mtu + ETH_OVERHEAD).max(SUPER_FRAME_MAX)
+    }
+
     /// Largest frame (with metadata) a member may publish.
     pub fn max_frame(&self) -> u32 {
-        self.mtu + ETH_OVERHEAD + MAX_META
+        self.max_ethernet_frame() + MAX_META
     }
 
     /// Segments the largest frame needs.
     pub fn max_segments_per_frame(&self) -> u32 {
         self.max_frame().div_ceil(self.slot_size)
+    }
+
+    /// The smallest segment size (a multiple of 64) with which a ring of `slots` segments holds
+    /// two of the largest frames at `mtu` (see [`GeometryError::FrameTooLargeForRing`]).
+    pub fn min_slot_size(slots: u32, mtu: u32) -> u32 {
+        let g = Geometry { max_peers: 2, ring_slots: slots, slot_size: 64, mtu };
+        let half = (slots / 2).max(1);
+        (g.max_frame().div_ceil(half).div_ceil(64) * 64).max(256)
     }
 
     /// Number of rings (one per ordered pair of distinct peers).
@@ -402,6 +433,7 @@ impl Geometry {
                 need,
                 slot_size: self.slot_size,
                 slots: self.ring_slots,
+                min_slot_size: Geometry::min_slot_size(self.ring_slots, self.mtu),
             });
         }
         let peer_table = HEADER_SIZE;
@@ -486,7 +518,7 @@ mod tests {
 
     #[test]
     fn test_ring_matrix_skips_the_diagonal_and_is_dense() {
-        let l = g(4, 64, 2048, 1500).layout().unwrap();
+        let l = g(4, 128, 2048, 1500).layout().unwrap();
         let mut seen = Vec::new();
         for s in 0..4 {
             for d in 0..4 {

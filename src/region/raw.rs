@@ -219,8 +219,9 @@ impl RawRegion {
         Ok(())
     }
 
-    /// Writes the byte ranges `ranges` (offset, length) of the region to `fd` with one `writev`,
-    /// without copying them through a local buffer. `iov` is caller-owned scratch space so the
+    /// Writes `prefix` (local memory, e.g. a virtio-net header; may be empty) followed by the
+    /// byte ranges `ranges` (offset, length) of the region to `fd` with one `writev`, without
+    /// copying the ranges through a local buffer. `iov` is caller-owned scratch space so the
     /// hot path does not allocate.
     ///
     /// The bytes may be changed by their writer while the kernel copies them; that only garbles
@@ -228,10 +229,18 @@ impl RawRegion {
     pub fn writev_to(
         &self,
         fd: RawFd,
+        prefix: &[u8],
         ranges: &[(usize, usize)],
         iov: &mut Vec<libc::iovec>,
     ) -> Result<io::Result<usize>, OutOfBounds> {
         iov.clear();
+        if !prefix.is_empty() {
+            // The kernel only reads through this pointer (writev), so casting away const is fine.
+            iov.push(libc::iovec {
+                iov_base: prefix.as_ptr() as *mut libc::c_void,
+                iov_len: prefix.len(),
+            });
+        }
         for &(offset, len) in ranges {
             self.check(offset, len)?;
             iov.push(libc::iovec {
@@ -241,8 +250,9 @@ impl RawRegion {
             });
         }
         let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: every iovec points inside the live mapping (checked above) and `count` does not
-        // exceed the vector's length; the kernel only reads from these buffers.
+        // SAFETY: every iovec points inside the live mapping (checked above) or to `prefix`, which
+        // is borrowed for the call, and `count` does not exceed the vector's length; the kernel
+        // only reads from these buffers.
         let n = unsafe { libc::writev(fd, iov.as_ptr(), count) };
         Ok(if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) })
     }

@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, Ordering};
 
-use super::layout::{ring, DESC_FIRST, DESC_LAST, DESC_SIZE, ETH_OVERHEAD, MAX_META};
+use super::layout::{ring, DESC_FIRST, DESC_LAST, DESC_SIZE, MAX_META};
 use super::raw::RawRegion;
 use super::Region;
 
@@ -82,7 +82,7 @@ struct RingGeom {
     slot_size: u32,
     /// Largest frame including metadata.
     max_frame: u32,
-    /// Largest Ethernet frame without metadata.
+    /// Largest Ethernet frame without metadata (a full-MTU frame or an offloaded super-frame).
     max_eth: u32,
 }
 
@@ -98,7 +98,7 @@ impl RingGeom {
             slots: g.ring_slots,
             slot_size: g.slot_size,
             max_frame: g.max_frame(),
-            max_eth: g.mtu + ETH_OVERHEAD,
+            max_eth: g.max_ethernet_frame(),
         }
     }
     #[inline]
@@ -144,6 +144,7 @@ pub struct Producer {
     bytes: u64,
     drop_full: u64,
     drop_down: u64,
+    drop_mtu: u64,
     dirty: bool,
     /// Scratch space for a frame's descriptors (allocated once).
     descs: Vec<u8>,
@@ -167,7 +168,13 @@ impl Producer {
         let head = if head.wrapping_sub(tail) > g.slots { tail } else { head };
         raw.u32_at(g.base + ring::HEAD).store(head, Ordering::Release);
         raw.u32_at(g.base + ring::PRODUCER_WAITING).store(0, Ordering::Relaxed);
-        for off in [ring::TX_FRAMES, ring::TX_BYTES, ring::TX_DROP_FULL, ring::TX_DROP_DOWN] {
+        for off in [
+            ring::TX_FRAMES,
+            ring::TX_BYTES,
+            ring::TX_DROP_FULL,
+            ring::TX_DROP_DOWN,
+            ring::TX_DROP_MTU,
+        ] {
             raw.u64_at(g.base + off).store(0, Ordering::Relaxed);
         }
         Producer {
@@ -181,6 +188,7 @@ impl Producer {
             bytes: 0,
             drop_full: 0,
             drop_down: 0,
+            drop_mtu: 0,
             dirty: false,
             descs: Vec::with_capacity(g.max_frame.div_ceil(g.slot_size) as usize * DESC_SIZE),
             unreported: false,
@@ -189,7 +197,7 @@ impl Producer {
 
     /// Segments a frame of `len` bytes (with metadata) needs.
     #[inline]
-    fn segments_for(&self, len: usize) -> u32 {
+    pub fn segments_for(&self, len: usize) -> u32 {
         (len.max(1) as u32).div_ceil(self.g.slot_size)
     }
 
@@ -215,16 +223,25 @@ impl Producer {
     }
 
     /// Queues one frame (`meta` then `frame`) without publishing it; see [`Producer::publish`].
+    #[inline]
     pub fn push(&mut self, meta: &[u8], frame: &[u8]) -> Result<(), PushError> {
-        if frame.is_empty() {
+        self.push_parts(meta, &[frame])
+    }
+
+    /// Queues one frame gathered from `parts` (their concatenation is the Ethernet frame),
+    /// preceded by `meta`, without publishing it. Lets a caller send a frame with a patched
+    /// field, or rebuilt headers before a payload, without assembling it in a buffer first.
+    pub fn push_parts(&mut self, meta: &[u8], parts: &[&[u8]]) -> Result<(), PushError> {
+        let frame_len: usize = parts.iter().map(|p| p.len()).sum();
+        if frame_len == 0 {
             return Err(PushError::Empty);
         }
-        let total = meta.len() + frame.len();
+        let total = meta.len() + frame_len;
         if meta.len() > MAX_META as usize
-            || frame.len() > self.g.max_eth as usize
+            || frame_len > self.g.max_eth as usize
             || total > self.g.max_frame as usize
         {
-            return Err(PushError::Oversize(frame.len()));
+            return Err(PushError::Oversize(frame_len));
         }
         let need = self.segments_for(total);
         if !self.has_room(need) {
@@ -237,9 +254,21 @@ impl Producer {
         let idx0 = self.head & self.g.mask();
         let first_run = need.min(self.g.slots - idx0);
         let split = (first_run as usize * slot).min(total);
-        self.copy_stream(self.g.seg(idx0), meta, frame, 0, split);
-        if split < total {
-            self.copy_stream(self.g.seg(0), meta, frame, split, total - split);
+        let (run0, run1) = (self.g.seg(idx0), self.g.seg(0));
+        let mut pos = 0;
+        for piece in std::iter::once(meta).chain(parts.iter().copied()) {
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let (dst, room) = if pos < split {
+                    (run0 + pos, split - pos)
+                } else {
+                    (run1 + pos - split, total - pos)
+                };
+                let n = rest.len().min(room);
+                self.raw.copy_in(dst, &rest[..n]).expect("segments inside region");
+                pos += n;
+                rest = &rest[n..];
+            }
         }
         self.descs.clear();
         for k in 0..need {
@@ -271,7 +300,7 @@ impl Producer {
         }
         self.head = self.head.wrapping_add(need);
         self.frames += 1;
-        self.bytes += frame.len() as u64;
+        self.bytes += frame_len as u64;
         self.dirty = true;
         // A batch of large frames would otherwise fill the ring before the consumer sees any
         // of it, and the two sides would take turns instead of working at once.
@@ -281,21 +310,10 @@ impl Producer {
         Ok(())
     }
 
-    /// Copies bytes `from..from + len` of `meta` followed by `frame` to region offset `dst`.
-    #[inline]
-    fn copy_stream(&self, dst: usize, meta: &[u8], frame: &[u8], from: usize, len: usize) {
-        let mut done = 0;
-        if from < meta.len() {
-            let m = (meta.len() - from).min(len);
-            self.raw.copy_in(dst, &meta[from..from + m]).expect("segments inside region");
-            done = m;
-        }
-        if done < len {
-            let f = from + done - meta.len();
-            self.raw
-                .copy_in(dst + done, &frame[f..f + len - done])
-                .expect("segments inside region");
-        }
+    /// Whether `need` free segments are available now (see [`Producer::segments_for`]): lets a
+    /// caller that sends a frame as several (segmentation) check room for all of them first.
+    pub fn has_room_for(&mut self, need: u32) -> bool {
+        self.has_room(need)
     }
 
     /// Whether a frame of `len` bytes (with metadata) would fit now.
@@ -315,6 +333,7 @@ impl Producer {
         self.raw.u64_at(base + ring::TX_BYTES).store(self.bytes, Ordering::Relaxed);
         self.raw.u64_at(base + ring::TX_DROP_FULL).store(self.drop_full, Ordering::Relaxed);
         self.raw.u64_at(base + ring::TX_DROP_DOWN).store(self.drop_down, Ordering::Relaxed);
+        self.raw.u64_at(base + ring::TX_DROP_MTU).store(self.drop_mtu, Ordering::Relaxed);
         self.publish_head();
         // Report heads published early (by `push`) too, so the caller still checks whether the
         // consumer sleeps.
@@ -356,6 +375,13 @@ impl Producer {
     /// Counts a frame dropped because the destination's link was down.
     pub fn count_drop_down(&mut self) {
         self.drop_down += 1;
+        self.dirty = true;
+    }
+
+    /// Counts a frame not sent because it, or its segments, exceed the destination's MTU (or it
+    /// could not be segmented for the destination).
+    pub fn count_drop_mtu(&mut self) {
+        self.drop_mtu += 1;
         self.dirty = true;
     }
 
@@ -452,7 +478,21 @@ pub struct Consumer {
     stale: u64,
     corrupt: u64,
     drop_deliver: u64,
+    drop_size: u64,
+    drop_offload: u64,
     dirty: bool,
+}
+
+/// Why a consumer discarded a valid frame instead of delivering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxDrop {
+    /// The local interface refused it.
+    Deliver,
+    /// Shorter than an Ethernet header, or it (offloaded: its segments) longer than the
+    /// consumer's MTU allows.
+    Size,
+    /// Its metadata was invalid or asks for an offload the consumer does not accept.
+    Offload,
 }
 
 impl Consumer {
@@ -472,6 +512,8 @@ impl Consumer {
             ring::RX_DROP_STALE,
             ring::RX_CORRUPT,
             ring::RX_DROP_DELIVER,
+            ring::RX_DROP_SIZE,
+            ring::RX_DROP_OFFLOAD,
         ] {
             raw.u64_at(g.base + off).store(0, Ordering::Relaxed);
         }
@@ -491,6 +533,8 @@ impl Consumer {
             stale: 0,
             corrupt: 0,
             drop_deliver: 0,
+            drop_size: 0,
+            drop_offload: 0,
             dirty: false,
         }
     }
@@ -715,21 +759,42 @@ impl Consumer {
         len
     }
 
-    /// Writes the current frame to `fd` with one `writev`, straight from the segments.
-    pub fn write_frame_to(&self, fd: RawFd, iov: &mut Vec<libc::iovec>) -> io::Result<usize> {
-        self.raw.writev_to(fd, &self.ranges, iov).unwrap_or_else(|e| Err(io::Error::other(e)))
+    /// Writes `prefix` (e.g. a virtio-net header, from local memory) and then the current frame
+    /// to `fd` with one `writev`, straight from the segments.
+    pub fn write_frame_to(
+        &self,
+        fd: RawFd,
+        prefix: &[u8],
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        self.raw
+            .writev_to(fd, prefix, &self.ranges, iov)
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
 
     /// Finishes with the current frame: `delivered` says whether it reached its destination
     /// (counted as a delivery drop if not). The segments return to the producer on `publish`.
     pub fn advance(&mut self, delivered: bool) {
-        if let Some(info) = self.current.take() {
-            self.tail = self.tail.wrapping_add(info.segments);
-            if delivered {
+        if delivered {
+            if let Some(info) = self.current.take() {
+                self.tail = self.tail.wrapping_add(info.segments);
                 self.frames += 1;
                 self.bytes += info.len as u64;
-            } else {
-                self.drop_deliver += 1;
+                self.dirty = true;
+            }
+        } else {
+            self.drop_current(RxDrop::Deliver);
+        }
+    }
+
+    /// Discards the current frame, counting it under `why`.
+    pub fn drop_current(&mut self, why: RxDrop) {
+        if let Some(info) = self.current.take() {
+            self.tail = self.tail.wrapping_add(info.segments);
+            match why {
+                RxDrop::Deliver => self.drop_deliver += 1,
+                RxDrop::Size => self.drop_size += 1,
+                RxDrop::Offload => self.drop_offload += 1,
             }
             self.dirty = true;
         }
@@ -747,6 +812,8 @@ impl Consumer {
         self.raw.u64_at(base + ring::RX_DROP_STALE).store(self.stale, Ordering::Relaxed);
         self.raw.u64_at(base + ring::RX_CORRUPT).store(self.corrupt, Ordering::Relaxed);
         self.raw.u64_at(base + ring::RX_DROP_DELIVER).store(self.drop_deliver, Ordering::Relaxed);
+        self.raw.u64_at(base + ring::RX_DROP_SIZE).store(self.drop_size, Ordering::Relaxed);
+        self.raw.u64_at(base + ring::RX_DROP_OFFLOAD).store(self.drop_offload, Ordering::Relaxed);
         if self.tail != self.published {
             // Release: our reads of the consumed segments happen before the producer may reuse
             // them; pairs with the acquire load of tail in `Producer::has_room`.
@@ -810,6 +877,8 @@ pub struct RingSnapshot {
     pub tx_drop_full: u64,
     /// Frames dropped: destination down.
     pub tx_drop_down: u64,
+    /// Frames not sent: larger than the destination's MTU.
+    pub tx_drop_mtu: u64,
     /// Frames delivered.
     pub rx_frames: u64,
     /// Bytes delivered.
@@ -820,6 +889,10 @@ pub struct RingSnapshot {
     pub rx_corrupt: u64,
     /// Frames the consumer could not deliver.
     pub rx_drop_deliver: u64,
+    /// Frames dropped by the consumer: shorter than an Ethernet header or longer than its MTU.
+    pub rx_drop_size: u64,
+    /// Frames dropped by the consumer: offload metadata it does not accept.
+    pub rx_drop_offload: u64,
 }
 
 impl RingSnapshot {
@@ -843,11 +916,14 @@ impl RingSnapshot {
             tx_bytes: u64v(ring::TX_BYTES),
             tx_drop_full: u64v(ring::TX_DROP_FULL),
             tx_drop_down: u64v(ring::TX_DROP_DOWN),
+            tx_drop_mtu: u64v(ring::TX_DROP_MTU),
             rx_frames: u64v(ring::RX_FRAMES),
             rx_bytes: u64v(ring::RX_BYTES),
             rx_drop_stale: u64v(ring::RX_DROP_STALE),
             rx_corrupt: u64v(ring::RX_CORRUPT),
             rx_drop_deliver: u64v(ring::RX_DROP_DELIVER),
+            rx_drop_size: u64v(ring::RX_DROP_SIZE),
+            rx_drop_offload: u64v(ring::RX_DROP_OFFLOAD),
         }
     }
 }
@@ -881,12 +957,13 @@ pub mod hostile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::region::layout::Geometry;
     use crate::region::{GeometryRequest, HeapMemory};
     use proptest::prelude::*;
     use std::sync::Arc;
 
-    /// Two peers, `slots` segments of 2048 bytes; MTU 65521 (64 KiB frames) when the ring is
-    /// large enough, else 9000 or 1500.
+    /// Two peers, `slots` segments of 2048 bytes (more in rings under 66 segments); MTU 65521
+    /// (64 KiB frames) when the ring is large enough, else 9000 or 1500.
     fn region(slots: u32) -> Region {
         let mtu = match slots {
             128.. => 65521,
@@ -896,8 +973,9 @@ mod tests {
         let req = GeometryRequest {
             max_peers: Some(2),
             ring_slots: Some(slots),
+            // A ring always holds two 64 KiB super-frames: small rings get larger segments.
+            slot_size: Some(Geometry::min_slot_size(slots, mtu).max(2048)),
             mtu: Some(mtu),
-            ..Default::default()
         };
         let size = req.resolve(u64::MAX).unwrap().layout().unwrap().total;
         Region::attach(Arc::new(HeapMemory::new(size)), "ring-test", &req).unwrap()

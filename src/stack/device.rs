@@ -31,6 +31,7 @@ impl FrameIo for NoInterface {
     fn send_from_ring(
         &mut self,
         _cons: &Consumer,
+        _vnet_hdr: &[u8],
         _iov: &mut Vec<libc::iovec>,
     ) -> io::Result<usize> {
         Err(io::Error::new(io::ErrorKind::Unsupported, "a stack peer has no local interface"))

@@ -8,9 +8,16 @@ use std::thread;
 use std::time::Duration;
 
 use super::*;
+use crate::region::layout::Geometry;
 use crate::region::{HeapMemory, PeerState};
 
+/// A heap region of `size` bytes, or of exactly the size the geometry needs when `size` is 0.
 fn region(req: GeometryRequest, size: usize) -> Region {
+    let size = if size > 0 {
+        size
+    } else {
+        req.resolve(u64::MAX).and_then(|g| g.layout()).expect("a valid test geometry").total
+    };
     Region::attach(Arc::new(HeapMemory::new(size)), "test", &req).expect("a valid test region")
 }
 
@@ -48,8 +55,13 @@ fn sha_of(line: &str) -> &str {
 /// held back by a full ring over and over: every byte must still arrive, in order.
 #[test]
 fn test_two_stacks_ping_and_tcp_through_a_small_ring() {
-    let req = GeometryRequest { ring_slots: Some(16), mtu: Some(9000), ..Default::default() };
-    let r = region(req, 4 << 20);
+    let req = GeometryRequest {
+        ring_slots: Some(16),
+        slot_size: Some(Geometry::min_slot_size(16, 9000)),
+        mtu: Some(9000),
+        ..Default::default()
+    };
+    let r = region(req, 0);
     let server = peer(&r, cfg("10.1.0.1/24"), |stack| {
         let mut out = Vec::new();
         transfer::recv(stack, 5001, 1, &mut out).map(|()| text(&out))
@@ -197,8 +209,13 @@ fn test_link_local_address_is_modified_eui64() {
 #[test]
 fn test_full_ring_holds_frames_back_and_loses_none() {
     use smoltcp::socket::udp;
-    let req = GeometryRequest { ring_slots: Some(16), mtu: Some(9000), ..Default::default() };
-    let r = region(req, 4 << 20);
+    let req = GeometryRequest {
+        ring_slots: Some(16),
+        slot_size: Some(Geometry::min_slot_size(16, 9000)),
+        mtu: Some(9000),
+        ..Default::default()
+    };
+    let r = region(req, 0);
     let mut a = Stack::from_region(r.clone(), &cfg("10.7.0.1/24"), None, None, None).expect("a");
     let mut b = Stack::from_region(r.clone(), &cfg("10.7.0.2/24"), None, None, None).expect("b");
     let udp_socket = |packets: usize| {
