@@ -10,60 +10,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sha2::{Digest, Sha256};
 
 const STEP: Duration = Duration::from_secs(30);
 const TRANSFER: u64 = 64 << 20;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Connects from inside a namespace thread, retrying while the peer is not listening yet.
-fn connect_retry(addr: SocketAddr, timeout: Duration) -> TcpStream {
-    let start = Instant::now();
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => {
-                s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-                s.set_write_timeout(Some(IO_TIMEOUT)).expect("write timeout");
-                return s;
-            }
-            Err(e) if start.elapsed() < timeout => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("connect {addr}: {e}"),
-        }
-    }
-}
-
-/// Kernel sender in `ns`: `bytes` pseudo-random bytes from `seed` to `addr`; returns the
-/// digest after the other end has closed too.
-fn kernel_send(ns: &Netns, addr: SocketAddr, bytes: u64, seed: u64) -> NetnsTask<TransferEnd> {
-    in_netns(ns, "kernel TCP sender", move || {
-        let mut s = connect_retry(addr, STEP);
-        let mut rng = PseudoRandom::new(seed);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            rng.fill(&mut buf);
-            s.write_all(&buf[..n])
-                .unwrap_or_else(|e| panic!("writing to {addr}, {left} left: {e}"));
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        // The stack closes after reading everything: EOF here means it got it all.
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap_or_else(|e| panic!("waiting for {addr} to close: {e}"));
-        TransferEnd { bytes, sha256: h.finalize().into() }
-    })
-}
 
 /// Kernel receiver in `ns`: accepts one connection on `addr` and hashes it to the end. Returns
 /// once it listens.
@@ -202,7 +156,7 @@ fn stack_interop_with_kernel_behind_tap_agent() {
     // Kernel TCP -> smoltcp TCP.
     let t = Instant::now();
     let receiver = stack_peer("3", "10.78.0.4/24", "fd78::4/64", &["recv", "--tcp", "5001"]);
-    let sent = kernel_send(&ns, "10.78.0.4:5001".parse().expect("addr"), TRANSFER, 11)
+    let sent = kernel_tcp_send(&ns, "10.78.0.4:5001".parse().expect("addr"), TRANSFER, 11, STEP)
         .join(TRANSFER_TIMEOUT);
     let (st, out, log) = receiver.wait_exit(STEP);
     assert!(st.success(), "stack recv failed: {st}\n{out}\n{log}");

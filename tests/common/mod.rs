@@ -872,6 +872,54 @@ pub fn tcp_transfer(
     (sent, received, elapsed)
 }
 
+/// Connects from inside a namespace thread, retrying while the peer is not listening yet (for
+/// up to `timeout`); the stream gets the transfer's socket timeouts.
+pub fn connect_retry(addr: SocketAddr, timeout: Duration) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(SOCKET_TIMEOUT)).expect("read timeout");
+                s.set_write_timeout(Some(SOCKET_TIMEOUT)).expect("write timeout");
+                return s;
+            }
+            Err(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("connect {addr}: {e}"),
+        }
+    }
+}
+
+/// Kernel TCP sender in `ns`: `bytes` pseudo-random bytes from `seed` to `addr` (connecting
+/// for up to `connect_timeout`); returns the digest after the other end has closed too (a
+/// receiver that closes after reading everything: EOF here means it got it all).
+pub fn kernel_tcp_send(
+    ns: &Netns,
+    addr: SocketAddr,
+    bytes: u64,
+    seed: u64,
+    connect_timeout: Duration,
+) -> NetnsTask<TransferEnd> {
+    in_netns(ns, "kernel TCP sender", move || {
+        let mut s = connect_retry(addr, connect_timeout);
+        let mut rng = PseudoRandom::new(seed);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            rng.fill(&mut buf);
+            s.write_all(&buf[..n])
+                .unwrap_or_else(|e| panic!("writing to {addr}, {left} left: {e}"));
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap_or_else(|e| panic!("waiting for {addr} to close: {e}"));
+        TransferEnd { bytes, sha256: h.finalize().into() }
+    })
+}
+
 /// Hex form of a digest.
 pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
