@@ -271,9 +271,12 @@ row_veth() {
     IFB=vB
 }
 
+# socat exits when a write fails, and writing to a TAP that is down fails (EIO): so the TAPs
+# stay down until both are in their namespaces (no iff-up), where IPv6 is off, so that nothing
+# is sent before both ends are up.
 row_socat() {
-    socat -b 131072 TUN,tun-type=tap,tun-name="$TAPA",iff-no-pi,iff-up \
-        TUN,tun-type=tap,tun-name="$TAPB",iff-no-pi,iff-up >"$LOG.relay.log" 2>&1 &
+    socat -b 131072 TUN,tun-type=tap,tun-name="$TAPA",iff-no-pi \
+        TUN,tun-type=tap,tun-name="$TAPB",iff-no-pi >"$LOG.relay.log" 2>&1 &
     PIDS+=($!)
     CPU_PIDS=($!)
     move_relay_taps
@@ -492,6 +495,13 @@ scene() {
     else
         ip -n "$NSA" link set lo up
         ip -n "$NSB" link set lo up
+        # IPv4 only: no router solicitations or duplicate address detection between the
+        # measurements (and none that a relay could see before both of its ends are up).
+        local ns
+        for ns in "$NSA" "$NSB"; do
+            ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+                net.ipv6.conf.default.disable_ipv6=1 >>"$LOG.setup.log" 2>&1
+        done
         # shellcheck disable=SC2086  # fn is a function name and its arguments
         $fn >>"$LOG.setup.log" 2>&1 || ok=0
     fi
