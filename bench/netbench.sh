@@ -1,7 +1,8 @@
 #!/bin/bash
 # End-to-end benchmark between two network namespaces (root): TCP throughput, ping RTT and,
 # if sockperf is installed, UDP ping-pong latency, for each MODE, printed beside veth measured in
-# the same run. Modelled on /work/shared/research/baseline-scripts/netbench.sh.
+# the same run. Modelled on /work/shared/research/baseline-scripts/netbench.sh. For the full
+# table of issue 9 (all paths and workloads, Markdown + JSON + chart) use bench/table.sh.
 #
 # Usage: bench/netbench.sh [MODE...]          (default: veth ivnet-poll)
 #
