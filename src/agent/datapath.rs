@@ -155,6 +155,9 @@ pub struct Datapath<T: FrameIo> {
     max_eth: usize,
     /// Other peers' interfaces (indexed by peer id).
     peers: Vec<PeerIface>,
+    /// The peer the last unicast frame went to: the next frame is read straight into its ring
+    /// when it will probably go there too.
+    last_dst: Option<u32>,
     segmenter: Segmenter,
     iov: Vec<libc::iovec>,
     pending: Option<Pending>,
@@ -228,6 +231,7 @@ impl<T: FrameIo> Datapath<T> {
             buf: vec![0u8; hdr_room + largest + 1].into_boxed_slice(),
             max_eth,
             peers: vec![PeerIface { accepts: Features::default(), max_eth: 0 }; n as usize],
+            last_dst: None,
             segmenter: Segmenter::new(),
             iov: Vec::with_capacity(max_segs + 1),
             pending: None,
@@ -338,13 +342,27 @@ impl<T: FrameIo> Datapath<T> {
 
     /// Moves frames from the local interface into the rings: at most one batch. Returns the
     /// number of frames handled.
+    ///
+    /// A frame is read straight into the ring of the peer the last unicast frame went to when
+    /// that peer takes everything our interface produces and the ring has room for the largest
+    /// frame: if the frame is for that peer, it is queued where it lies (one copy from the
+    /// kernel, none of ours). Otherwise it is copied out into the transmit buffer and goes the
+    /// usual way.
     pub fn tx(&mut self, now: Instant) -> usize {
         if !self.retry_pending(now) {
             return 0;
         }
         let mut handled = 0;
         while handled < self.opts.batch {
-            let n = match self.tap.recv(&mut self.buf) {
+            let spec = self.speculate();
+            let read = match &spec {
+                Some((peer, ranges)) => {
+                    let prod = self.producers[*peer as usize].as_ref().expect("producer");
+                    self.tap.recv_into_ring(prod, ranges, &mut self.iov)
+                }
+                None => self.tap.recv(&mut self.buf),
+            };
+            let n = match read {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.tap_readable = false;
@@ -365,8 +383,16 @@ impl<T: FrameIo> Datapath<T> {
             handled += 1;
             if n >= self.buf.len() {
                 // The kernel truncates a frame that does not fit: never forward a cut frame.
-                self.drop_local(PeerCounter::DropOversize, n - self.hdr_room, now);
+                // (A reservation is as large as the buffer.)
+                self.drop_local(PeerCounter::DropOversize, n.saturating_sub(self.hdr_room), now);
                 continue;
+            }
+            if let Some((peer, ranges)) = spec {
+                if self.commit_in_place(peer, &ranges, n, now) {
+                    continue;
+                }
+                let prod = self.producers[peer as usize].as_ref().expect("producer");
+                prod.copy_reserved(&ranges, 0, &mut self.buf[..n]);
             }
             let hdr = if self.hdr_room > 0 {
                 let mut h = [0u8; VNET_HDR_LEN];
@@ -380,6 +406,82 @@ impl<T: FrameIo> Datapath<T> {
             }
         }
         handled
+    }
+
+    /// Where to read the next local frame: space reserved in the ring of the last unicast
+    /// destination, if it is up, takes everything our interface produces, and has room for the
+    /// largest frame (as large as the transmit buffer, so truncation is detected the same way).
+    fn speculate(&mut self) -> Option<(u32, [(usize, usize); 2])> {
+        let peer = self.last_dst?;
+        if !self.links.is_up(peer)
+            || !self.peers[peer as usize].accepts.contains(self.offloads.unwrap_or_default())
+        {
+            return None;
+        }
+        let ranges = self.producers[peer as usize].as_mut()?.reserve(self.buf.len())?;
+        Some((peer, ranges))
+    }
+
+    /// Queues the frame just read into `peer`'s ring where it lies, if it is for `peer` and
+    /// `peer` takes it as it is (what [`Datapath::forward_local`] and [`Datapath::send_to`]
+    /// would decide). Returns false, having changed nothing but the switch's learning, if it
+    /// must go the usual way. The decision uses a copy of the headers: the ring is shared.
+    fn commit_in_place(
+        &mut self,
+        peer: u32,
+        ranges: &[(usize, usize); 2],
+        n: usize,
+        now: Instant,
+    ) -> bool {
+        let room = self.hdr_room;
+        if n < room + 14 {
+            return false;
+        }
+        let len = n - room;
+        let mut head = [0u8; VNET_HDR_LEN + HEADER_PEEK];
+        let seen = n.min(head.len());
+        let prod = self.producers[peer as usize].as_ref().expect("producer");
+        prod.copy_reserved(ranges, 0, &mut head[..seen]);
+        let hdr = if room > 0 {
+            VnetHdr::decode(head[..VNET_HDR_LEN].try_into().expect("12 bytes"))
+        } else {
+            VnetHdr::default()
+        };
+        let frame = &head[room..seen];
+        let target = self.peers[peer as usize];
+        let fits = if hdr.is_plain() {
+            len <= self.max_eth && len <= target.max_eth
+        } else {
+            self.offloads.is_some_and(|f| f.accepts(&hdr))
+                && hdr.validate_len(len).is_ok()
+                && target.accepts.accepts(&hdr)
+                && hdr.largest_segment_len_of(frame, len).is_some_and(|l| l <= target.max_eth)
+        };
+        if !fits {
+            return false;
+        }
+        let mut dst = [0u8; 6];
+        let mut src = [0u8; 6];
+        dst.copy_from_slice(&frame[0..6]);
+        src.copy_from_slice(&frame[6..12]);
+        self.switch.learn(src, self.claim.id, now);
+        let flooded = match self.switch.forward(dst, now) {
+            Forward::Unicast(p) if p == peer && self.links.is_up(p) => false,
+            // A flood whose only recipient is that peer.
+            Forward::Flood if self.links.up_count() == 1 && self.links.is_up(peer) => true,
+            _ => return false,
+        };
+        let prod = self.producers[peer as usize].as_mut().expect("producer");
+        if prod.commit_reserved(room, n).is_err() {
+            return false;
+        }
+        self.count(PeerCounter::LocalRxFrames, 1);
+        self.count(PeerCounter::LocalRxBytes, len as u64);
+        if flooded {
+            self.count(PeerCounter::Flooded, 1);
+        }
+        self.stalled[peer as usize] = false;
+        true
     }
 
     /// Retries the frame held back by back-pressure, if any. Returns true when nothing is held
@@ -471,6 +573,7 @@ impl<T: FrameIo> Datapath<T> {
         match self.send_to(peer, len, &hdr) {
             Ok(()) => {
                 self.stalled[peer as usize] = false;
+                self.last_dst = Some(peer);
                 false
             }
             Err(SendError::Mtu) => {

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::offload::{Features, VNET_HDR_LEN};
-use crate::region::ring::Consumer;
+use crate::region::ring::{Consumer, Producer};
 use crate::sys;
 
 /// Frames in and out of the local network stack.
@@ -17,6 +17,14 @@ pub trait FrameIo {
     /// Reads one frame into `buf` without blocking (`WouldBlock` when none is queued). With
     /// offloads ([`FrameIo::offloads`] is `Some`) the frame is preceded by its virtio-net header.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Like [`FrameIo::recv`], but straight into space reserved in a ring
+    /// ([`Producer::reserve`]), which saves a copy when the frame is for that ring's peer.
+    fn recv_into_ring(
+        &mut self,
+        prod: &Producer,
+        ranges: &[(usize, usize); 2],
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize>;
     /// Writes the consumer's current frame, straight from the ring where possible, preceded by
     /// `vnet_hdr` (empty when the interface takes no header).
     fn send_from_ring(
@@ -269,6 +277,16 @@ impl FrameIo for Tap {
     }
 
     #[inline]
+    fn recv_into_ring(
+        &mut self,
+        prod: &Producer,
+        ranges: &[(usize, usize); 2],
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        prod.read_reserved_from(self.fd.as_raw_fd(), ranges, iov)
+    }
+
+    #[inline]
     fn send_from_ring(
         &mut self,
         cons: &Consumer,
@@ -316,6 +334,18 @@ impl FrameIo for FakeTap {
                 buf[..n].copy_from_slice(&f[..n]);
                 Ok(n)
             }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn recv_into_ring(
+        &mut self,
+        prod: &Producer,
+        ranges: &[(usize, usize); 2],
+        _iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        match self.inbound.pop_front() {
+            Some(f) => Ok(prod.fill_reserved(ranges, &f)),
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
     }

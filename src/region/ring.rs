@@ -270,6 +270,17 @@ impl Producer {
                 rest = &rest[n..];
             }
         }
+        self.queue(need, meta.len(), total);
+        Ok(())
+    }
+
+    /// Writes the descriptors of a frame whose `total` bytes (`meta_len` of metadata first) are
+    /// already in the `need` segments at head, and moves head past them (publishing early when
+    /// a quarter of the ring is unpublished).
+    fn queue(&mut self, need: u32, meta_len: usize, total: usize) {
+        let slot = self.g.slot_size as usize;
+        let idx0 = self.head & self.g.mask();
+        let first_run = need.min(self.g.slots - idx0);
         self.descs.clear();
         for k in 0..need {
             let idx = self.head.wrapping_add(k);
@@ -287,7 +298,7 @@ impl Producer {
                 len: chunk,
                 next: idx.wrapping_add(1) & self.g.mask(),
                 flags,
-                meta_len: if k == 0 { meta.len() as u16 } else { 0 },
+                meta_len: if k == 0 { meta_len as u16 } else { 0 },
                 epoch: self.epoch,
                 frame_len: if k == 0 { total as u32 } else { 0 },
             };
@@ -300,14 +311,99 @@ impl Producer {
         }
         self.head = self.head.wrapping_add(need);
         self.frames += 1;
-        self.bytes += frame_len as u64;
+        self.bytes += (total - meta_len) as u64;
         self.dirty = true;
         // A batch of large frames would otherwise fill the ring before the consumer sees any
         // of it, and the two sides would take turns instead of working at once.
         if self.head.wrapping_sub(self.published) >= self.g.slots / 4 {
             self.publish_head();
         }
+    }
+
+    /// Reserves room at head for one frame of up to `max_len` bytes (metadata included), so
+    /// that a reader can put it straight into the ring (no copy through a buffer); nothing is
+    /// visible to the consumer until [`Producer::commit_reserved`]. Returns the byte ranges
+    /// (absolute region offsets, in order: one run, or two when the ring wraps), or `None` if
+    /// the ring has no room for `max_len` bytes now. A reservation lasts until the next call
+    /// that writes to the ring.
+    pub fn reserve(&mut self, max_len: usize) -> Option<[(usize, usize); 2]> {
+        if max_len == 0 || max_len > self.g.max_frame as usize {
+            return None;
+        }
+        let need = self.segments_for(max_len);
+        if !self.has_room(need) {
+            return None;
+        }
+        let slot = self.g.slot_size as usize;
+        let idx0 = self.head & self.g.mask();
+        let first_run = need.min(self.g.slots - idx0);
+        let first = (first_run as usize * slot).min(max_len);
+        Some([(self.g.seg(idx0), first), (self.g.seg(0), max_len - first)])
+    }
+
+    /// Queues the frame written into the space [`Producer::reserve`] returned: `meta_len` bytes
+    /// of metadata, then the Ethernet frame, `total` bytes in all (at most the reserved length).
+    pub fn commit_reserved(&mut self, meta_len: usize, total: usize) -> Result<(), PushError> {
+        let frame_len = total.saturating_sub(meta_len);
+        if frame_len == 0 {
+            return Err(PushError::Empty);
+        }
+        if meta_len > MAX_META as usize
+            || frame_len > self.g.max_eth as usize
+            || total > self.g.max_frame as usize
+        {
+            return Err(PushError::Oversize(frame_len));
+        }
+        let need = self.segments_for(total);
+        if !self.has_room(need) {
+            return Err(PushError::Full);
+        }
+        self.queue(need, meta_len, total);
         Ok(())
+    }
+
+    /// Copies bytes `from..from + buf.len()` of the reserved space (see
+    /// [`Producer::reserve`]) into `buf`: for a frame that was read into the ring but must go
+    /// elsewhere. The bytes are in shared memory: callers parse the copy, never the ring.
+    pub fn copy_reserved(&self, ranges: &[(usize, usize); 2], from: usize, buf: &mut [u8]) {
+        let mut done = 0;
+        let mut skip = from;
+        for &(off, len) in ranges {
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(buf.len() - done);
+            self.raw.copy_out(off + skip, &mut buf[done..done + n]).expect("reserved range");
+            done += n;
+            skip = 0;
+            if done == buf.len() {
+                break;
+            }
+        }
+    }
+
+    /// Reads one frame from `fd` (a TAP: one `readv` returns one frame) straight into the
+    /// reserved space `ranges`; returns its length.
+    pub fn read_reserved_from(
+        &self,
+        fd: RawFd,
+        ranges: &[(usize, usize); 2],
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        let n = if ranges[1].1 == 0 { 1 } else { 2 };
+        self.raw.readv_from(fd, &ranges[..n], iov).unwrap_or_else(|e| Err(io::Error::other(e)))
+    }
+
+    /// Writes `bytes` into the reserved space (for fakes and tests: what a `readv` would do).
+    pub fn fill_reserved(&self, ranges: &[(usize, usize); 2], bytes: &[u8]) -> usize {
+        let mut done = 0;
+        for &(off, len) in ranges {
+            let n = len.min(bytes.len() - done);
+            self.raw.copy_in(off, &bytes[done..done + n]).expect("reserved range");
+            done += n;
+        }
+        done
     }
 
     /// Whether `need` free segments are available now (see [`Producer::segments_for`]): lets a

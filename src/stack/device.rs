@@ -17,7 +17,7 @@ use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use crate::agent::datapath::Datapath;
 use crate::agent::tap::FrameIo;
 use crate::doorbell::Notifier;
-use crate::region::ring::Consumer;
+use crate::region::ring::{Consumer, Producer};
 
 /// The local side of a stack peer's data path: there is no interface to read from or write to,
 /// because smoltcp pulls and pushes frames through [`RingDevice`] instead.
@@ -25,6 +25,15 @@ pub struct NoInterface;
 
 impl FrameIo for NoInterface {
     fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn recv_into_ring(
+        &mut self,
+        _prod: &Producer,
+        _ranges: &[(usize, usize); 2],
+        _iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())
     }
 
