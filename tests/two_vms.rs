@@ -220,9 +220,18 @@ fn two_vms() {
             let p = peer(&st, id).unwrap_or_else(|| panic!("peer {id} not in status: {st:#}"));
             assert_eq!(p["state"], "up", "peer {id} in the server's region: {p:#}");
         }
+        // Every member turned its TAP's offloads on (the guests' kernel has TSO, not USO), so
+        // TCP between them travels as super-frames; peers segment for anyone lacking one.
+        let offloads: Vec<String> = [id_a, id_b, host.peer_id]
+            .iter()
+            .map(|&id| peer(&st, id).and_then(|p| p["offloads"].as_str()).unwrap_or("?").to_string())
+            .collect();
+        for o in &offloads {
+            assert!(o.contains("csum") && o.contains("tso4"), "offloads of the members: {offloads:?}");
+        }
         steps_note(&format!(
-            "host peer id {}; ivnet status on the host shows 3 peers up",
-            host.peer_id
+            "host peer id {}; ivnet status on the host shows 3 peers up; offloads A {}, B {}, host {}",
+            host.peer_id, offloads[0], offloads[1], offloads[2]
         ));
         // In a guest whose agent holds the device through vfio-pci, `ivnet status --device`
         // cannot map BAR2 (vfio-pci claims it exclusively). Not asserted: reported.
