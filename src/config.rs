@@ -188,6 +188,11 @@ pub struct AgentArgs {
     /// Peers without offloads get segmented, checksummed frames either way. Default auto.
     #[arg(long, value_name = "auto|on|off")]
     pub offload: Option<OffloadMode>,
+    /// Accept from each peer only frames whose source MAC is the one in its slot when it came
+    /// up: a guard against mistakes and casual spoofing (a peer can still write the region),
+    /// which also cuts off hosts bridged behind a peer.
+    #[arg(long)]
+    pub pin_macs: bool,
 }
 
 /// Flags of `ivnet server`.
@@ -263,6 +268,7 @@ struct FileConfig {
     device: Option<String>,
     bind: Option<bool>,
     offload: Option<String>,
+    pin_macs: Option<bool>,
 }
 
 /// How the agent reaches its region.
@@ -316,6 +322,8 @@ pub struct AgentConfig {
     pub spin: Duration,
     /// Offloads on the TAP.
     pub offload: OffloadMode,
+    /// Drop frames whose source MAC is not their sender's own.
+    pub pin_macs: bool,
 }
 
 /// Default spin window in µs (see bench/README.md for the measurement behind it).
@@ -435,6 +443,7 @@ impl AgentConfig {
         };
         Ok(AgentConfig {
             offload,
+            pin_macs: args.pin_macs || file.pin_macs.unwrap_or(false),
             backend,
             geometry,
             peer_id: args.peer_id.or(file.peer_id),

@@ -257,7 +257,7 @@ impl Status {
         }
         let _ = writeln!(
             s,
-            "\n{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  drops (full/down/mtu | stale/corrupt/deliver/size/offload)",
+            "\n{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  drops (full/down/mtu | stale/corrupt/deliver/size/offload/source)",
             "ring", "fill", "tx frames", "tx bytes", "rx frames", "rx bytes"
         );
         for r in &self.rings {
@@ -268,7 +268,7 @@ impl Status {
             };
             let _ = writeln!(
                 s,
-                "{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  {}/{}/{} | {}/{}/{}/{}/{}",
+                "{:>8}  {:>11} {:>10} {:>14} {:>10} {:>14}  {}/{}/{} | {}/{}/{}/{}/{}/{}",
                 format!("{}->{}", r.src, r.dst),
                 fill,
                 x.tx_frames,
@@ -282,7 +282,8 @@ impl Status {
                 x.rx_corrupt,
                 x.rx_drop_deliver,
                 x.rx_drop_size,
-                x.rx_drop_offload
+                x.rx_drop_offload,
+                x.rx_drop_source
             );
         }
         s

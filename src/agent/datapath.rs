@@ -27,13 +27,37 @@ const RESCAN_BEFORE_DROP: Duration = Duration::from_millis(5);
 /// IP (with options) and TCP (with options) headers of an offloaded frame.
 const HEADER_PEEK: usize = 256;
 
-/// A frame held back because its ring was full (back-pressure towards the local stack).
+/// How long frames to other peers may wait behind one peer's full ring (the local interface
+/// is not read meanwhile) before that peer's frames are dropped instead. A consumer that drains
+/// at all frees room far sooner; one that does not must not hold up the segment.
+const HEAD_OF_LINE_BUDGET: Duration = Duration::from_millis(2);
+
+/// A frame kept for one peer whose ring was full: its bytes are in that peer's hold buffer.
 #[derive(Debug, Clone, Copy)]
-struct Pending {
+struct Held {
+    len: usize,
+    hdr: VnetHdr,
+    /// When the peer's consumer last made progress (or the frame was held).
+    since: Instant,
+}
+
+/// The frame in the transmit buffer waits for `dst`'s hold to free up: the local interface is
+/// not read meanwhile (back-pressure towards the local stack), for a bounded time.
+#[derive(Debug, Clone, Copy)]
+struct Blocked {
     len: usize,
     hdr: VnetHdr,
     dst: u32,
     since: Instant,
+}
+
+/// Where the frame to send is.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// The transmit buffer.
+    Buf,
+    /// The hold buffer of this peer.
+    Held(u32),
 }
 
 /// Why a frame was not queued for one destination.
@@ -55,6 +79,8 @@ struct PeerIface {
     accepts: Features,
     /// Largest plain Ethernet frame it takes (its MTU + 18).
     max_eth: usize,
+    /// Its MAC when it came up.
+    mac: [u8; 6],
 }
 
 /// One log line per interval per kind, whatever a peer does.
@@ -93,11 +119,14 @@ pub struct DatapathOptions {
     pub mtu: u32,
     /// How long a peer's heartbeat may stall before its link is down.
     pub link_timeout: Duration,
-    /// How long a unicast frame may wait for ring space before it is dropped and the ring is
-    /// treated as stalled.
+    /// How long a frame may wait for ring space before it is dropped and the ring is treated as
+    /// stalled (its frames are dropped until its consumer moves again).
     pub stall_timeout: Duration,
     /// Frames per batch (per direction, per ring).
     pub batch: usize,
+    /// Accept from a peer only frames whose source MAC is the one in its slot when it came up
+    /// (a guard against mistakes and casual spoofing; hosts bridged behind a peer are cut off).
+    pub pin_macs: bool,
 }
 
 impl Default for DatapathOptions {
@@ -108,6 +137,7 @@ impl Default for DatapathOptions {
             // Long enough that a peer descheduled on a busy host is not taken for stuck.
             stall_timeout: Duration::from_millis(250),
             batch: 64,
+            pin_macs: false,
         }
     }
 }
@@ -160,7 +190,15 @@ pub struct Datapath<T: FrameIo> {
     last_dst: Option<u32>,
     segmenter: Segmenter,
     iov: Vec<libc::iovec>,
-    pending: Option<Pending>,
+    /// Per peer, one frame kept while its ring is full (back-pressure per destination), and
+    /// the buffer it is kept in (allocated at join).
+    held: Vec<Option<Held>>,
+    held_buf: Vec<Box<[u8]>>,
+    /// A frame for a peer whose hold is taken, waiting: the local interface is not read.
+    blocked: Option<Blocked>,
+    /// Peers that kept a frame waiting longer than [`HEAD_OF_LINE_BUDGET`]: further frames to
+    /// them are dropped, not waited for, until their hold is free again.
+    slow: Vec<bool>,
     /// Peers whose ring made no progress for the stall timeout: frames to them are dropped
     /// without waiting until their consumer moves again.
     stalled: Vec<bool>,
@@ -230,11 +268,22 @@ impl<T: FrameIo> Datapath<T> {
             hdr_room,
             buf: vec![0u8; hdr_room + largest + 1].into_boxed_slice(),
             max_eth,
-            peers: vec![PeerIface { accepts: Features::default(), max_eth: 0 }; n as usize],
+            peers: vec![
+                PeerIface { accepts: Features::default(), max_eth: 0, mac: [0; 6] };
+                n as usize
+            ],
             last_dst: None,
             segmenter: Segmenter::new(),
             iov: Vec::with_capacity(max_segs + 1),
-            pending: None,
+            held: vec![None; n as usize],
+            held_buf: (0..n)
+                .map(|d| {
+                    let len = if d == me { 0 } else { hdr_room + largest + 1 };
+                    vec![0u8; len].into_boxed_slice()
+                })
+                .collect(),
+            blocked: None,
+            slow: vec![false; n as usize],
             stalled: vec![false; n as usize],
             tap_readable: true,
             counters: [0; PEER_COUNTERS],
@@ -271,12 +320,12 @@ impl<T: FrameIo> Datapath<T> {
     /// Whether there may be more frames on the local interface that we did not read yet
     /// (a batch ended on its budget, not on `WouldBlock`), and we are not blocked on a ring.
     pub fn tap_backlog(&self) -> bool {
-        self.tap_readable && self.pending.is_none()
+        self.tap_readable && self.blocked.is_none()
     }
 
     /// Whether a frame is held back waiting for ring space.
     pub fn is_blocked(&self) -> bool {
-        self.pending.is_some()
+        self.blocked.is_some() || self.held.iter().any(Option::is_some)
     }
 
     #[inline]
@@ -297,8 +346,22 @@ impl<T: FrameIo> Datapath<T> {
     /// else as complete frames, checksummed and segmented to fit its MTU (all or nothing: when
     /// the ring lacks room for every segment, none is queued).
     fn send_to(&mut self, dst: u32, len: usize, hdr: &VnetHdr) -> Result<(), SendError> {
-        let Datapath { producers, buf, hdr_room, peers, segmenter, .. } = self;
-        let frame = &buf[*hdr_room..*hdr_room + len];
+        self.send_from(Source::Buf, dst, len, hdr)
+    }
+
+    /// [`Datapath::send_to`] for a frame in `src`.
+    fn send_from(
+        &mut self,
+        src: Source,
+        dst: u32,
+        len: usize,
+        hdr: &VnetHdr,
+    ) -> Result<(), SendError> {
+        let Datapath { producers, buf, held_buf, hdr_room, peers, segmenter, .. } = self;
+        let frame = match src {
+            Source::Buf => &buf[*hdr_room..*hdr_room + len],
+            Source::Held(p) => &held_buf[p as usize][..len],
+        };
         let prod = producers[dst as usize].as_mut().expect("producer for every other peer");
         let peer = peers[dst as usize];
         let pushed = |r: Result<(), PushError>| match r {
@@ -349,7 +412,7 @@ impl<T: FrameIo> Datapath<T> {
     /// kernel, none of ours). Otherwise it is copied out into the transmit buffer and goes the
     /// usual way.
     pub fn tx(&mut self, now: Instant) -> usize {
-        if !self.retry_pending(now) {
+        if !self.retry_held(now) {
             return 0;
         }
         let mut handled = 0;
@@ -414,6 +477,7 @@ impl<T: FrameIo> Datapath<T> {
     fn speculate(&mut self) -> Option<(u32, [(usize, usize); 2])> {
         let peer = self.last_dst?;
         if !self.links.is_up(peer)
+            || self.held[peer as usize].is_some()
             || !self.peers[peer as usize].accepts.contains(self.offloads.unwrap_or_default())
         {
             return None;
@@ -484,34 +548,99 @@ impl<T: FrameIo> Datapath<T> {
         true
     }
 
-    /// Retries the frame held back by back-pressure, if any. Returns true when nothing is held
-    /// back any more (the transmit buffer is free).
-    fn retry_pending(&mut self, now: Instant) -> bool {
-        let Some(p) = self.pending else { return true };
-        match self.send_to(p.dst, p.len, &p.hdr) {
-            Ok(()) => {
-                self.pending = None;
-                self.producers[p.dst as usize].as_ref().expect("producer").set_waiting(false);
-            }
-            Err(SendError::Mtu | SendError::Offload) => {
-                // Cannot happen for a frame that was only waiting for room; drop it all the same.
-                self.pending = None;
-                self.producers[p.dst as usize].as_mut().expect("producer").count_drop_mtu();
-            }
-            Err(SendError::Full) => {
-                let prod = self.producers[p.dst as usize].as_mut().expect("producer");
-                if prod.tail_moved() {
-                    self.pending = Some(Pending { since: now, ..p });
-                } else if now.duration_since(p.since) >= self.opts.stall_timeout {
-                    prod.count_drop_full();
-                    prod.set_waiting(false);
-                    self.stalled[p.dst as usize] = true;
-                    self.pending = None;
-                    log::warn!("peer {}: ring stalled (consumer made no progress for {:?}); dropping its frames until it moves", p.dst, self.opts.stall_timeout);
+    /// Retries the frames kept for peers whose ring was full, then the frame that waits for a
+    /// peer's hold, if any. Returns true when nothing waits any more (the transmit buffer is
+    /// free and the local interface may be read).
+    fn retry_held(&mut self, now: Instant) -> bool {
+        for dst in 0..self.held.len() as u32 {
+            let Some(h) = self.held[dst as usize] else { continue };
+            match self.send_from(Source::Held(dst), dst, h.len, &h.hdr) {
+                Ok(()) => self.release_hold(dst),
+                Err(SendError::Mtu | SendError::Offload) => {
+                    // Cannot happen for a frame that was only waiting for room; drop it anyway.
+                    self.producers[dst as usize].as_mut().expect("producer").count_drop_mtu();
+                    self.release_hold(dst);
+                }
+                Err(SendError::Full) => {
+                    let prod = self.producers[dst as usize].as_mut().expect("producer");
+                    if prod.tail_moved() {
+                        self.held[dst as usize] = Some(Held { since: now, ..h });
+                    } else if now.duration_since(h.since) >= self.opts.stall_timeout {
+                        prod.count_drop_full();
+                        self.release_hold(dst);
+                        self.stalled[dst as usize] = true;
+                        log::warn!("peer {dst}: ring stalled (consumer made no progress for {:?}); dropping its frames until it moves", self.opts.stall_timeout);
+                    }
                 }
             }
         }
-        self.pending.is_none()
+        let Some(b) = self.blocked else { return true };
+        if self.held[b.dst as usize].is_none() {
+            self.blocked = None;
+            if self.hold_or_send(b.dst, b.len, b.hdr, now) {
+                self.blocked = Some(b);
+            }
+        } else if now.duration_since(b.since) >= self.head_of_line_budget(b.dst) {
+            // The peer takes too long: drop this frame and, until its hold is free, the next
+            // ones, rather than keep the segment waiting.
+            self.producers[b.dst as usize].as_mut().expect("producer").count_drop_full();
+            self.slow[b.dst as usize] = true;
+            self.blocked = None;
+        }
+        self.blocked.is_none()
+    }
+
+    /// How long frames to others may wait behind `dst`'s full ring: [`HEAD_OF_LINE_BUDGET`],
+    /// or the stall timeout when `dst` is the only peer up (nobody else waits then).
+    fn head_of_line_budget(&self, dst: u32) -> Duration {
+        if self.links.up_count() <= 1 && self.links.is_up(dst) {
+            self.opts.stall_timeout
+        } else {
+            HEAD_OF_LINE_BUDGET
+        }
+    }
+
+    /// Frees `dst`'s hold.
+    fn release_hold(&mut self, dst: u32) {
+        self.held[dst as usize] = None;
+        self.slow[dst as usize] = false;
+        if let Some(p) = self.producers[dst as usize].as_ref() {
+            p.set_waiting(false);
+        }
+    }
+
+    /// Sends the frame in the transmit buffer to `dst`, or keeps it in `dst`'s hold if the
+    /// ring is full. Returns true if neither was possible (the hold is taken): the caller
+    /// decides whether to wait or drop.
+    fn hold_or_send(&mut self, dst: u32, len: usize, hdr: VnetHdr, now: Instant) -> bool {
+        if self.held[dst as usize].is_some() {
+            // Frames to one peer keep their order: nothing overtakes the kept one.
+            return true;
+        }
+        match self.send_to(dst, len, &hdr) {
+            Ok(()) => {
+                self.stalled[dst as usize] = false;
+                self.last_dst = Some(dst);
+                false
+            }
+            Err(SendError::Mtu) => {
+                self.producers[dst as usize].as_mut().expect("producer").count_drop_mtu();
+                false
+            }
+            Err(SendError::Offload) => {
+                self.drop_local(PeerCounter::DropOffload, len, now);
+                false
+            }
+            Err(SendError::Full) => {
+                // Publish what we have so the consumer can make room, keep the frame, and go on
+                // reading frames for the others.
+                let (room, d) = (self.hdr_room, dst as usize);
+                self.held_buf[d][..len].copy_from_slice(&self.buf[room..room + len]);
+                self.held[d] = Some(Held { len, hdr, since: now });
+                self.producers[d].as_ref().expect("producer").set_waiting(true);
+                false
+            }
+        }
     }
 
     /// Counts a local frame dropped for `reason`; at debug level, describes it (rate limited).
@@ -568,35 +697,27 @@ impl<T: FrameIo> Datapath<T> {
         false
     }
 
-    /// Sends to one peer; returns true if the frame is now pending (ring full).
+    /// Sends to one peer; returns true if the frame now waits (the local interface is not
+    /// read until it has gone, for a bounded time).
     fn unicast(&mut self, peer: u32, len: usize, hdr: VnetHdr, now: Instant) -> bool {
-        match self.send_to(peer, len, &hdr) {
-            Ok(()) => {
-                self.stalled[peer as usize] = false;
-                self.last_dst = Some(peer);
-                false
+        let d = peer as usize;
+        if self.stalled[d] {
+            let prod = self.producers[d].as_mut().expect("producer");
+            if !prod.tail_moved() {
+                prod.count_drop_full();
+                return false;
             }
-            Err(SendError::Mtu) => {
-                self.producers[peer as usize].as_mut().expect("producer").count_drop_mtu();
-                false
-            }
-            Err(SendError::Offload) => {
-                self.drop_local(PeerCounter::DropOffload, len, now);
-                false
-            }
-            Err(SendError::Full) => {
-                let prod = self.producers[peer as usize].as_mut().expect("producer");
-                if self.stalled[peer as usize] && !prod.tail_moved() {
-                    prod.count_drop_full();
-                    return false;
-                }
-                self.stalled[peer as usize] = false;
-                // Publish what we have so the consumer can make room, then wait for it.
-                prod.set_waiting(true);
-                self.pending = Some(Pending { len, hdr, dst: peer, since: now });
-                true
-            }
+            self.stalled[d] = false;
         }
+        if !self.hold_or_send(peer, len, hdr, now) {
+            return false;
+        }
+        if self.slow[d] {
+            self.producers[d].as_mut().expect("producer").count_drop_full();
+            return false;
+        }
+        self.blocked = Some(Blocked { len, hdr, dst: peer, since: now });
+        true
     }
 
     /// Copies the frame to every peer whose link is up, each in the form it takes; a full ring
@@ -642,6 +763,7 @@ impl<T: FrameIo> Datapath<T> {
         info: &FrameInfo,
         offloads: Option<Features>,
         max_eth: usize,
+        pinned: Option<[u8; 6]>,
     ) -> Result<([u8; VNET_HDR_LEN], [u8; 6]), RxDrop> {
         let mut vnet = [0u8; VNET_HDR_LEN];
         let hdr = match info.meta_len {
@@ -675,6 +797,9 @@ impl<T: FrameIo> Datapath<T> {
         }
         let mut src = [0u8; 6];
         src.copy_from_slice(&head[6..12]);
+        if pinned.is_some_and(|mac| mac != src) {
+            return Err(RxDrop::Source);
+        }
         Ok((vnet, src))
     }
 
@@ -698,12 +823,17 @@ impl<T: FrameIo> Datapath<T> {
             }
             // The producer's current incarnation: frames from any earlier life are dropped.
             let epoch = self.region.peer(src).incarnation() as u32;
+            let pinned = self.opts.pin_macs.then_some(self.peers[src as usize].mac);
             let Some(cons) = self.consumers[src as usize].as_mut() else { continue };
             let mut n = 0;
             while n < self.opts.batch {
                 match cons.peek(epoch) {
                     Peek::Empty => break,
-                    Peek::Stale => continue,
+                    Peek::Stale => {
+                        // Stale frames cost work too: they count against the batch, so a
+                        // producer cannot stretch a pass by flooding them.
+                        n += 1;
+                    }
                     Peek::Corrupt(reason) => {
                         if let Some(s) = self.corrupt_log.allow(now) {
                             log::warn!("ring from peer {src} is inconsistent ({reason:?}); skipped what it published ({s} similar suppressed)");
@@ -713,7 +843,7 @@ impl<T: FrameIo> Datapath<T> {
                     Peek::Frame(info) => {
                         n += 1;
                         let (vnet, src_mac) =
-                            match Self::inspect(cons, &info, self.offloads, self.max_eth) {
+                            match Self::inspect(cons, &info, self.offloads, self.max_eth, pinned) {
                                 Ok(v) => v,
                                 Err(why) => {
                                     cons.drop_current(why);
@@ -812,23 +942,24 @@ impl<T: FrameIo> Datapath<T> {
     /// held for a peer that went down).
     fn scan_links(&mut self, now: Instant) {
         self.last_scan = now;
-        let Datapath { links, region, switch, stalled, pending, peers, .. } = self;
+        let Datapath { links, region, switch, stalled, blocked, held, slow, peers, .. } = self;
         let segment_mtu = region.geometry().mtu;
         // What the peer's interface takes, read once per incarnation. The values are the
         // peer's own business: a wrong MTU or feature set only costs it frames.
-        let mut read_iface = |id: u32| {
+        let mut read_iface = |id: u32, mac: [u8; 6]| {
             let snap = region.peer(id).snapshot();
             let mtu = snap.mtu.clamp(68, segment_mtu);
             let iface = PeerIface {
                 accepts: Features::from_bits_truncate(snap.features),
                 max_eth: (mtu + ETH_OVERHEAD) as usize,
+                mac,
             };
             peers[id as usize] = iface;
             iface
         };
         links.tick(region, now, |ev| match ev {
             LinkEvent::Up { id, mac } => {
-                let iface = read_iface(id);
+                let iface = read_iface(id, mac);
                 log::info!(
                     "peer {id} ({}) is up: MTU {}, offloads {}",
                     crate::mac::Mac(mac),
@@ -839,7 +970,7 @@ impl<T: FrameIo> Datapath<T> {
                 stalled[id as usize] = false;
             }
             LinkEvent::Restarted { id, mac } => {
-                let iface = read_iface(id);
+                let iface = read_iface(id, mac);
                 log::info!(
                     "peer {id} ({}) restarted with a new incarnation: MTU {}, offloads {}",
                     crate::mac::Mac(mac),
@@ -853,9 +984,11 @@ impl<T: FrameIo> Datapath<T> {
             LinkEvent::Down { id } => {
                 log::info!("peer {id} is down");
                 switch.forget_peer(id);
-                if pending.is_some_and(|p| p.dst == id) {
-                    *pending = None;
+                if blocked.is_some_and(|b| b.dst == id) {
+                    *blocked = None;
                 }
+                held[id as usize] = None;
+                slow[id as usize] = false;
             }
         });
     }
@@ -880,9 +1013,10 @@ impl<T: FrameIo> Datapath<T> {
         if self.links.force_down(id) {
             log::info!("peer {id} left (reported by the doorbell server)");
             self.switch.forget_peer(id);
-            if self.pending.is_some_and(|p| p.dst == id) {
-                self.pending = None;
+            if self.blocked.is_some_and(|b| b.dst == id) {
+                self.blocked = None;
             }
+            self.release_hold(id);
         }
     }
 
@@ -933,14 +1067,14 @@ impl<T: FrameIo> Datapath<T> {
     /// Retries the frame held back by back-pressure, if any. Returns true when a new frame can
     /// be taken ([`Datapath::tx_buffer`] will hand out the buffer).
     pub fn tx_ready(&mut self, now: Instant) -> bool {
-        self.retry_pending(now)
+        self.retry_held(now)
     }
 
     /// The preallocated transmit buffer, `len` bytes long, for the local side to write one frame
     /// into; send it with [`Datapath::tx_commit`]. `None` while a frame is held back by
     /// back-pressure, or when `len` exceeds [`Datapath::max_frame_len`].
     pub fn tx_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
-        if self.pending.is_some() || len > self.max_eth {
+        if self.blocked.is_some() || len > self.max_eth {
             return None;
         }
         Some(&mut self.buf[self.hdr_room..self.hdr_room + len])
@@ -950,9 +1084,9 @@ impl<T: FrameIo> Datapath<T> {
     /// exactly as a frame read from a TAP. Returns true if it is held back because its ring is
     /// full: it goes out on a later [`Datapath::tx_ready`], and no new frame is taken until then.
     pub fn tx_commit(&mut self, len: usize, now: Instant) -> bool {
-        if self.pending.is_some() || len > self.max_eth {
+        if self.blocked.is_some() || len > self.max_eth {
             // No buffer was handed out for this frame: nothing to send.
-            return self.pending.is_some();
+            return self.blocked.is_some();
         }
         self.forward_local(len, VnetHdr::default(), now)
     }
@@ -960,8 +1094,8 @@ impl<T: FrameIo> Datapath<T> {
     /// Counts a frame the local side had to discard because a frame was held back (its ring
     /// was full), against that ring's full-drop counter.
     pub fn count_held_back_drop(&mut self) {
-        if let Some(p) = self.pending {
-            if let Some(prod) = self.producers[p.dst as usize].as_mut() {
+        if let Some(b) = self.blocked {
+            if let Some(prod) = self.producers[b.dst as usize].as_mut() {
                 prod.count_drop_full();
             }
         }
@@ -989,7 +1123,14 @@ impl<T: FrameIo> Datapath<T> {
             }
             // The producer's current incarnation: frames from any earlier life are dropped.
             let epoch = self.region.peer(src as u32).incarnation() as u32;
+            let pinned = self.opts.pin_macs.then_some(self.peers[src].mac);
+            // Frames skipped on this ring (stale, or not deliverable): bounded per call like a
+            // batch, so a producer cannot stretch one call by flooding them.
+            let mut skipped = 0;
             loop {
+                if skipped >= self.opts.batch {
+                    break;
+                }
                 let Datapath {
                     consumers,
                     switch,
@@ -1004,7 +1145,7 @@ impl<T: FrameIo> Datapath<T> {
                 let Some(cons) = consumers[src].as_mut() else { break };
                 match cons.peek(epoch) {
                     Peek::Empty => break,
-                    Peek::Stale => continue,
+                    Peek::Stale => skipped += 1,
                     Peek::Corrupt(reason) => {
                         if let Some(s) = corrupt_log.allow(now) {
                             log::warn!("ring from peer {src} is inconsistent ({reason:?}); skipped what it published ({s} similar suppressed)");
@@ -1014,7 +1155,7 @@ impl<T: FrameIo> Datapath<T> {
                     Peek::Frame(info) => {
                         // A pull-style local side takes plain frames: anything else is dropped
                         // here, counted, like a frame too long for it.
-                        let got = match Self::inspect(cons, &info, *offloads, *max_eth) {
+                        let got = match Self::inspect(cons, &info, *offloads, *max_eth, pinned) {
                             Ok((_, src_mac)) => {
                                 if src_mac[0] & 1 == 0 {
                                     switch.learn(src_mac, src as u32, now);
@@ -1042,6 +1183,7 @@ impl<T: FrameIo> Datapath<T> {
                             self.rx_cursor = (src + 1) % n;
                             return Some(got);
                         }
+                        skipped += 1;
                     }
                 }
             }

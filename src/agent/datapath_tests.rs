@@ -321,3 +321,122 @@ fn test_sender_does_not_send_a_frame_larger_than_the_peers_mtu() {
     let s = RingSnapshot::read(&r, 0, 1);
     assert_eq!((s.tx_drop_mtu, s.rx_drop_size), (2, 0));
 }
+
+// ---------------------------------------------------------------------------------------------
+// A broken or hostile peer hurts only itself (issue 11). Time is synthetic here: the data path
+// takes `now` from its caller, so back-pressure bounds are checked without real waiting.
+// ---------------------------------------------------------------------------------------------
+
+/// One round at time `now`: links, every member's tx, then rx of `readers` only.
+fn round_at(members: &mut [&mut Datapath<FakeTap>], readers: &[bool], now: Instant) {
+    for m in members.iter_mut() {
+        m.force_housekeeping();
+        m.housekeeping(now).unwrap();
+    }
+    for m in members.iter_mut() {
+        m.set_tap_readable();
+        m.tx(now);
+        m.publish(&mut NoDoorbells);
+    }
+    for (m, &reads) in members.iter_mut().zip(readers) {
+        if reads {
+            m.rx(now, &mut NoDoorbells);
+            m.publish(&mut NoDoorbells);
+        }
+    }
+}
+
+/// A sends 200 frames to B and 200 to C, interleaved. B's consumer frees room only every
+/// `b_every` rounds (never: 0); each round is 10 µs. Returns the round by which C had all its
+/// frames, or None.
+fn slow_peer_run(b_every: u32) -> (Option<u32>, Datapath<FakeTap>, Region) {
+    let r = region(3, 64);
+    let (mut a, mut b, mut c) = (member(&r, 0), member(&r, 1), member(&r, 2));
+    let t0 = Instant::now();
+    round_at(&mut [&mut a, &mut b, &mut c], &[true, true, true], t0);
+    for i in 0..200u32 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i as u8, 5000));
+        a.tap.inbound.push_back(frame(mac(2), mac(0), i as u8, 5000));
+    }
+    let mut done = None;
+    for k in 1..=1000u32 {
+        let now = t0 + Duration::from_micros(10 * u64::from(k));
+        let b_reads = b_every > 0 && k % b_every == 0;
+        round_at(&mut [&mut a, &mut b, &mut c], &[true, b_reads, true], now);
+        if c.tap.outbound.len() == 200 {
+            done = Some(k);
+            break;
+        }
+    }
+    for (i, f) in c.tap.outbound.iter().enumerate() {
+        assert_eq!(f, &frame(mac(2), mac(0), i as u8, 5000), "frame {i} to C");
+    }
+    (done, a, r)
+}
+
+#[test]
+fn test_a_full_ring_never_holds_up_frames_to_other_peers() {
+    // B never reads: its ring fills, then one frame is kept for it and the next waits at most
+    // the head-of-line budget (2 ms = 200 rounds) before B's frames are dropped. C gets all
+    // of its frames well within the 250 ms stall timeout that used to hold them.
+    let (done, _a, r) = slow_peer_run(0);
+    let k = done.expect("C did not get its 200 frames within 10 ms");
+    assert!(k <= 300, "C's frames waited {k} rounds (x 10 us) behind B's full ring");
+    let s = RingSnapshot::read(&r, 0, 1);
+    assert!(s.tx_drop_full > 0, "B's excess frames are dropped and counted: {s:?}");
+}
+
+#[test]
+fn test_a_slowly_draining_peer_does_not_pace_the_others() {
+    // B frees room once every 26 ms (the issue's hostile consumer, scaled: 2600 rounds), which
+    // is "progress" but far too slow; C must not be paced by it.
+    let (done, _a, _r) = slow_peer_run(2600);
+    let k = done.expect("C did not get its 200 frames within 10 ms");
+    assert!(k <= 300, "C's frames waited {k} rounds (x 10 us) behind B's slow ring");
+}
+
+#[test]
+fn test_stale_frames_count_against_the_batch() {
+    let r = region(2, 4096);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    // A producer that stamps its frames with an epoch that is not A's (a hostile or confused
+    // writer of A's ring): every one of them is stale to B.
+    let mut evil = Producer::new(&r, 0, 1, a.claim().epoch().wrapping_add(7));
+    for i in 0..3000u32 {
+        evil.push(&[], &frame(mac(1), mac(0), i as u8, 100)).unwrap();
+    }
+    evil.publish();
+    let handled = b.rx(Instant::now(), &mut NoDoorbells);
+    b.publish(&mut NoDoorbells);
+    let stale = RingSnapshot::read(&r, 0, 1).rx_drop_stale;
+    assert_eq!(stale, handled as u64, "every stale frame skipped is counted as work");
+    assert!(stale <= 64, "one pass skipped {stale} stale frames: more than a batch");
+}
+
+#[test]
+fn test_pinned_macs_refuse_a_spoofed_source_and_keep_the_switch_clean() {
+    let r = region(3, 64);
+    let (mut a, b, mut c) = (member(&r, 0), member(&r, 1), member(&r, 2));
+    let mut b_pinned = {
+        drop(b);
+        let cl: Claim = claim(&r, Some(1), Duration::from_millis(50)).unwrap();
+        let opts = DatapathOptions { mtu: 9000, pin_macs: true, ..Default::default() };
+        Datapath::join(r.clone(), cl, FakeTap::default(), mac(1), PeerKind::Agent, opts)
+    };
+    round(&mut [&mut a, &mut b_pinned, &mut c]);
+    // A claims C's MAC in a broadcast: B drops it and does not learn C's MAC behind A.
+    a.tap.inbound.push_back(frame([0xff; 6], mac(2), 1, 60));
+    round(&mut [&mut a, &mut b_pinned, &mut c]);
+    assert!(b_pinned.tap.outbound.is_empty(), "B took a frame with a spoofed source");
+    assert_eq!(RingSnapshot::read(&r, 0, 1).rx_drop_source, 1);
+    // B's frames for C still go to C, not to the spoofer.
+    b_pinned.tap.inbound.push_back(frame(mac(2), mac(1), 2, 60));
+    round(&mut [&mut a, &mut b_pinned, &mut c]);
+    assert_eq!(c.tap.outbound.last(), Some(&frame(mac(2), mac(1), 2, 60)));
+    assert_eq!(RingSnapshot::read(&r, 1, 0).tx_frames, 0, "B sent C's frame to the spoofer");
+    // A's own frames still pass.
+    a.tap.inbound.push_back(frame(mac(1), mac(0), 3, 60));
+    round(&mut [&mut a, &mut b_pinned, &mut c]);
+    assert_eq!(b_pinned.tap.outbound, vec![frame(mac(1), mac(0), 3, 60)]);
+}

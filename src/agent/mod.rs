@@ -122,6 +122,7 @@ pub fn run(
     let opts = DatapathOptions {
         mtu: cfg.mtu,
         link_timeout: cfg.link_timeout,
+        pin_macs: cfg.pin_macs,
         ..DatapathOptions::default()
     };
     let tap_fd = tap::FrameIo::raw_fd(&tap).expect("a real TAP has a descriptor");

@@ -160,6 +160,8 @@ pub mod ring {
     /// u64 frames dropped because their metadata was invalid or asked for an offload the
     /// consumer does not accept.
     pub const RX_DROP_OFFLOAD: usize = 184;
+    /// u64 frames dropped because their source MAC is not the producer's own (`--pin-macs`).
+    pub const RX_DROP_SOURCE: usize = 192;
 }
 
 /// Descriptor flag: first segment of a frame.

@@ -576,6 +576,7 @@ pub struct Consumer {
     drop_deliver: u64,
     drop_size: u64,
     drop_offload: u64,
+    drop_source: u64,
     dirty: bool,
 }
 
@@ -589,6 +590,8 @@ pub enum RxDrop {
     Size,
     /// Its metadata was invalid or asks for an offload the consumer does not accept.
     Offload,
+    /// Its source MAC is not the one its producer joined with (`--pin-macs`).
+    Source,
 }
 
 impl Consumer {
@@ -610,6 +613,7 @@ impl Consumer {
             ring::RX_DROP_DELIVER,
             ring::RX_DROP_SIZE,
             ring::RX_DROP_OFFLOAD,
+            ring::RX_DROP_SOURCE,
         ] {
             raw.u64_at(g.base + off).store(0, Ordering::Relaxed);
         }
@@ -631,6 +635,7 @@ impl Consumer {
             drop_deliver: 0,
             drop_size: 0,
             drop_offload: 0,
+            drop_source: 0,
             dirty: false,
         }
     }
@@ -891,6 +896,7 @@ impl Consumer {
                 RxDrop::Deliver => self.drop_deliver += 1,
                 RxDrop::Size => self.drop_size += 1,
                 RxDrop::Offload => self.drop_offload += 1,
+                RxDrop::Source => self.drop_source += 1,
             }
             self.dirty = true;
         }
@@ -910,6 +916,7 @@ impl Consumer {
         self.raw.u64_at(base + ring::RX_DROP_DELIVER).store(self.drop_deliver, Ordering::Relaxed);
         self.raw.u64_at(base + ring::RX_DROP_SIZE).store(self.drop_size, Ordering::Relaxed);
         self.raw.u64_at(base + ring::RX_DROP_OFFLOAD).store(self.drop_offload, Ordering::Relaxed);
+        self.raw.u64_at(base + ring::RX_DROP_SOURCE).store(self.drop_source, Ordering::Relaxed);
         if self.tail != self.published {
             // Release: our reads of the consumed segments happen before the producer may reuse
             // them; pairs with the acquire load of tail in `Producer::has_room`.
@@ -989,6 +996,8 @@ pub struct RingSnapshot {
     pub rx_drop_size: u64,
     /// Frames dropped by the consumer: offload metadata it does not accept.
     pub rx_drop_offload: u64,
+    /// Frames dropped by the consumer: a source MAC other than the producer's (`--pin-macs`).
+    pub rx_drop_source: u64,
 }
 
 impl RingSnapshot {
@@ -1020,6 +1029,7 @@ impl RingSnapshot {
             rx_drop_deliver: u64v(ring::RX_DROP_DELIVER),
             rx_drop_size: u64v(ring::RX_DROP_SIZE),
             rx_drop_offload: u64v(ring::RX_DROP_OFFLOAD),
+            rx_drop_source: u64v(ring::RX_DROP_SOURCE),
         }
     }
 }

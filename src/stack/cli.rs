@@ -56,6 +56,10 @@ pub struct StackArgs {
     /// A peer whose heartbeat stops for this long is marked down, in ms.
     #[arg(long, value_name = "MS")]
     pub link_timeout_ms: Option<u64>,
+    /// Accept from each peer only frames whose source MAC is the one in its slot when it came
+    /// up (a guard against mistakes and casual spoofing).
+    #[arg(long)]
+    pub pin_macs: bool,
     /// Receive and send buffer of each TCP connection (e.g. 256K, 4M). Default 1M.
     #[arg(long, value_name = "SIZE")]
     pub tcp_buffer: Option<ByteSize>,
@@ -233,6 +237,7 @@ impl StackArgs {
         if let Some(us) = self.spin_us {
             cfg.spin = Duration::from_micros(us);
         }
+        cfg.pin_macs = self.pin_macs;
         if let Some(ms) = self.link_timeout_ms {
             if ms < 10 {
                 return Err(invalid("--link-timeout-ms", "must be at least 10"));

@@ -115,6 +115,8 @@ pub struct StackConfig {
     pub spin: Duration,
     /// A peer whose heartbeat stops for this long is down.
     pub link_timeout: Duration,
+    /// Drop frames whose source MAC is not their sender's own.
+    pub pin_macs: bool,
     /// Receive and send buffer of each TCP socket made by [`Stack::tcp_socket`].
     pub tcp_buffer: usize,
     /// Catch SIGINT, SIGTERM and SIGHUP (blocked for the calling thread) and report them through
@@ -139,6 +141,7 @@ impl StackConfig {
             poll_idle: Duration::from_micros(crate::config::DEFAULT_POLL_IDLE_US),
             spin: Duration::from_micros(crate::config::DEFAULT_SPIN_US),
             link_timeout: Duration::from_millis(crate::config::DEFAULT_LINK_TIMEOUT_MS),
+            pin_macs: false,
             tcp_buffer: DEFAULT_TCP_BUFFER,
             handle_signals: false,
         }
@@ -485,6 +488,7 @@ impl Stack {
         let opts = DatapathOptions {
             mtu: cfg.mtu,
             link_timeout: cfg.link_timeout,
+            pin_macs: cfg.pin_macs,
             ..DatapathOptions::default()
         };
         let dp = Datapath::join(region.clone(), claim, NoInterface, mac.0, PeerKind::Stack, opts);
