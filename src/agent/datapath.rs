@@ -390,7 +390,11 @@ impl<T: FrameIo> Datapath<T> {
         })?;
         let need = (plan.segments() as u32 - 1) * prod.segments_for(plan.segment_len())
             + prod.segments_for(plan.last_len());
-        if !prod.has_room_for(need) {
+        // All or nothing when the segments can fit at all. A ring of few large segments may be
+        // unable to hold all the small frames at once: then as many as fit go, and the rest is
+        // counted as dropped (TCP resends it).
+        let whole = need <= prod.slots();
+        if whole && !prod.has_room_for(need) {
             return Err(SendError::Full);
         }
         let mut result = Ok(());
@@ -400,6 +404,10 @@ impl<T: FrameIo> Datapath<T> {
                 result.is_ok()
             })
             .map_err(|_| SendError::Offload)?;
+        if !whole && result == Err(SendError::Full) {
+            prod.count_drop_full();
+            return Ok(());
+        }
         result
     }
 

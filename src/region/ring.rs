@@ -412,6 +412,11 @@ impl Producer {
         self.has_room(need)
     }
 
+    /// Segments in the ring.
+    pub fn slots(&self) -> u32 {
+        self.g.slots
+    }
+
     /// Whether a frame of `len` bytes (with metadata) would fit now.
     pub fn can_push(&mut self, len: usize) -> bool {
         let need = self.segments_for(len);
