@@ -424,7 +424,10 @@ impl<T: FrameIo> Datapath<T> {
             return 0;
         }
         let mut handled = 0;
-        while handled < self.opts.batch {
+        // Only when the interface said it has frames (its descriptor is edge-triggered: read
+        // until WouldBlock, then wait for the next edge), so an idle or spinning loop makes no
+        // read syscall for nothing.
+        while handled < self.opts.batch && self.tap_readable {
             let spec = self.speculate();
             let read = match &spec {
                 Some((peer, ranges)) => {
@@ -934,6 +937,9 @@ impl<T: FrameIo> Datapath<T> {
         }
         slot.beat(crate::sys::wall_ms());
         self.scan_links(now);
+        // A read that failed with an error other than WouldBlock left no edge to wait for: try
+        // again once per heartbeat.
+        self.tap_readable = true;
         if now >= self.next_kernel_stats {
             self.next_kernel_stats = now + Duration::from_secs(1);
             if let Some(d) = self.tap.kernel_drops() {
