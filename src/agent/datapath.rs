@@ -9,7 +9,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::link::{Claim, LinkEvent, Links};
+use super::link::{self, Claim, LinkEvent, Links, OwnSlot, SlotCheck};
 use super::switch::{Forward, Switch};
 use super::tap::FrameIo;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA, VECTOR_LINK};
@@ -84,22 +84,10 @@ impl Default for DatapathOptions {
     }
 }
 
-/// Why the data path stopped.
+/// Why the data path stopped. (Nothing in the region stops it: a slot taken by another member
+/// makes it rejoin under another, see [`Datapath::rejoin`].)
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    /// Someone else took over our slot (we were presumed dead).
-    #[error(
-        "peer slot {id} was taken over by another process (incarnation {theirs}, ours {ours}): \
-         this agent was presumed dead; restart it"
-    )]
-    Evicted {
-        /// Our id.
-        id: u32,
-        /// Our incarnation.
-        ours: u64,
-        /// The incarnation now in the slot.
-        theirs: u64,
-    },
     /// The local interface failed in a way that will not recover.
     #[error("local interface failed")]
     Interface(#[source] io::Error),
@@ -109,6 +97,8 @@ pub enum DatapathError {
 pub struct Datapath<T: FrameIo> {
     region: Region,
     claim: Claim,
+    /// Our own peer entry, checked and repaired every heartbeat.
+    own: OwnSlot,
     /// The local interface.
     pub tap: T,
     producers: Vec<Option<Producer>>,
@@ -156,16 +146,14 @@ impl<T: FrameIo> Datapath<T> {
     ) -> Self {
         let me = claim.id;
         let n = region.geometry().max_peers;
-        let slot = region.peer(me);
-        slot.set_state(PeerState::Joining, claim.incarnation);
-        slot.set_info(mac, opts.mtu, 0, kind, std::process::id());
-        slot.beat(crate::sys::wall_ms());
+        let identity = link::Identity { mac, mtu: opts.mtu, features: 0, kind };
+        let own = OwnSlot::take(&region, claim, identity, opts.link_timeout, Instant::now());
         let producers = (0..n)
             .map(|d| (d != me).then(|| Producer::new(&region, me, d, claim.epoch())))
             .collect();
         let consumers = (0..n).map(|s| (s != me).then(|| Consumer::new(&region, s, me))).collect();
         // Release (in set_state): the resets above are visible to whoever sees us up.
-        slot.set_state(PeerState::Up, claim.incarnation);
+        own.go_up(&region);
         let max_eth = (opts.mtu + ETH_OVERHEAD) as usize;
         let max_segs = region.geometry().max_segments_per_frame() as usize;
         let mut switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
@@ -174,6 +162,7 @@ impl<T: FrameIo> Datapath<T> {
             links: Links::new(&region, me, opts.link_timeout),
             region,
             claim,
+            own,
             tap,
             producers,
             consumers,
@@ -508,16 +497,15 @@ impl<T: FrameIo> Datapath<T> {
         if now < self.next_beat && !self.beat_due {
             return Ok(self.next_beat);
         }
-        let slot = self.region.peer(self.claim.id);
-        let theirs = slot.incarnation();
-        if theirs != self.claim.incarnation {
-            return Err(DatapathError::Evicted {
-                id: self.claim.id,
-                ours: self.claim.incarnation,
-                theirs,
-            });
+        // Our own slot: heartbeat, or write back what someone overwrote, or rejoin elsewhere.
+        match self.own.check(&self.region, &self.links, now) {
+            SlotCheck::Rejoin(claim) => self.rejoin(claim, now),
+            SlotCheck::Displaced => {
+                self.links.suspend();
+                self.pending = None;
+            }
+            SlotCheck::Intact | SlotCheck::Repaired | SlotCheck::Watching => {}
         }
-        slot.beat(crate::sys::wall_ms());
         self.scan_links(now);
         if now >= self.next_kernel_stats {
             self.next_kernel_stats = now + Duration::from_secs(1);
@@ -535,7 +523,7 @@ impl<T: FrameIo> Datapath<T> {
     /// held for a peer that went down).
     fn scan_links(&mut self, now: Instant) {
         self.last_scan = now;
-        let Datapath { links, region, switch, stalled, pending, .. } = self;
+        let Datapath { links, region, switch, stalled, pending, consumers, .. } = self;
         links.tick(region, now, |ev| match ev {
             LinkEvent::Up { id, mac } => {
                 log::info!("peer {id} ({}) is up", crate::mac::Mac(mac));
@@ -554,8 +542,35 @@ impl<T: FrameIo> Datapath<T> {
                 if pending.is_some_and(|p| p.dst == id) {
                     *pending = None;
                 }
+                // What it queued is not replayed if it comes back.
+                if let Some(c) = consumers[id as usize].as_mut() {
+                    link::discard_ring(region, c, id);
+                }
             }
         });
+    }
+
+    /// Moves this member to slot `claim` (another member holds our old one), keeping the local
+    /// interface and its MAC: fresh rings for the new id, links and switch start over.
+    pub fn rejoin(&mut self, claim: Claim, now: Instant) {
+        let (me, n) = (claim.id, self.region.geometry().max_peers);
+        let identity = self.own.identity();
+        self.own = OwnSlot::take(&self.region, claim, identity, self.opts.link_timeout, now);
+        self.claim = claim;
+        let region = &self.region;
+        self.producers = (0..n)
+            .map(|d| (d != me).then(|| Producer::new(region, me, d, claim.epoch())))
+            .collect();
+        self.consumers = (0..n).map(|s| (s != me).then(|| Consumer::new(region, s, me))).collect();
+        self.own.go_up(region);
+        self.links = Links::new(region, me, self.opts.link_timeout);
+        self.switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
+        self.switch.learn(identity.mac, me, now);
+        self.pending = None;
+        self.stalled.iter_mut().for_each(|s| *s = false);
+        self.rx_taken.iter_mut().for_each(|t| *t = 0);
+        self.counters_dirty = true;
+        self.beat_due = true;
     }
 
     /// Runs the link checks on the next round instead of at the next heartbeat (a peer rang our
@@ -580,6 +595,9 @@ impl<T: FrameIo> Datapath<T> {
             self.switch.forget_peer(id);
             if self.pending.is_some_and(|p| p.dst == id) {
                 self.pending = None;
+            }
+            if let Some(c) = self.consumers[id as usize].as_mut() {
+                link::discard_ring(&self.region, c, id);
             }
         }
     }
