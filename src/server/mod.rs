@@ -293,6 +293,7 @@ impl Server {
         }
         let store = FdStore::from_env();
         let mut restored = store::take_back(&store);
+        let shm_restored = restored.shm.is_some();
         let (shm_file, region, attached) = match restored.shm.take() {
             Some(fd) => {
                 let f = File::from(fd);
@@ -339,8 +340,13 @@ impl Server {
         };
         let g = region.geometry();
         let shm = Arc::new(OwnedFd::from(shm_file));
-        store.keep(listener.as_raw_fd(), store::LISTENER);
-        store.keep(shm.as_raw_fd(), store::SHM);
+        // What came from the store is still in it.
+        if socket_bound_here {
+            store.keep(listener.as_raw_fd(), store::LISTENER);
+        }
+        if !shm_restored {
+            store.keep(shm.as_raw_fd(), store::SHM);
+        }
         let now = Instant::now();
         let slots = (0..g.max_peers)
             .map(|s| {

@@ -130,10 +130,11 @@ pub fn take_back(store: &FdStore) -> Restored {
     let mut unknown = Vec::new();
     for f in fds {
         let name = f.name.as_str();
-        if name == LISTENER && r.listener.is_none() {
-            r.listener = Some(f.fd);
-        } else if name == SHM && r.shm.is_none() {
-            r.shm = Some(f.fd);
+        if name == LISTENER || name == SHM {
+            let slot = if name == LISTENER { &mut r.listener } else { &mut r.shm };
+            if slot.is_none() {
+                *slot = Some(f.fd);
+            } // else a duplicate: closed here, and the first one stays stored
         } else if let Some((id, rest)) = name.strip_prefix("peer-").and_then(|n| n.split_once('-'))
         {
             let Ok(id) = id.parse::<u32>() else {

@@ -500,11 +500,24 @@ pub fn start_socket_agent(
     extra: &[&str],
     logs: &TempDir,
 ) -> Agent {
+    start_socket_agent_at(ns, &server.socket, &server.shm.path, cidr, extra, logs)
+}
+
+/// Like [`start_socket_agent`], for a server on `socket` serving the region file `shm` (a server
+/// the test runs itself, e.g. to kill and restart it).
+pub fn start_socket_agent_at(
+    ns: &Netns,
+    socket: &Path,
+    shm: &Path,
+    cidr: &str,
+    extra: &[&str],
+    logs: &TempDir,
+) -> Agent {
+    let socket_arg = socket.to_str().expect("UTF-8 path");
     let n = next_id();
     let log_path = logs.join(&format!("agent-{}-sock-{}.log", ns.name, n));
     let log = File::create(&log_path).expect("creating agent log");
-    let mut argv: Vec<&str> =
-        vec![IVNET, "-v", "agent", "--socket", server.socket_arg(), "--address", cidr];
+    let mut argv: Vec<&str> = vec![IVNET, "-v", "agent", "--socket", socket_arg, "--address", cidr];
     argv.extend_from_slice(extra);
     let child = ns
         .command(&argv)
@@ -518,9 +531,9 @@ pub fn start_socket_agent(
         child: Some(child),
         peer_id: u32::MAX,
         ns: ns.name.clone(),
-        shm: server.shm.path.clone(),
+        shm: shm.to_path_buf(),
         log_path,
-        label: format!("agent via {} in {} ({argv:?})", server.socket.display(), ns.name),
+        label: format!("agent via {} in {} ({argv:?})", socket.display(), ns.name),
     };
     let start = Instant::now();
     loop {
