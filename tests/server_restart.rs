@@ -228,13 +228,14 @@ fn server_restart_without_systemd_loses_nobody() {
     report(&format!("{test}: all pairs talk after the restart"));
 }
 
-/// Pings `from` -> `to` a few times and checks that both agents' doorbell counters moved: the
-/// sender rang, the receiver was woken by a doorbell.
+/// Pings `from` -> `to` a few times and checks the doorbell counters: the sender rang, the
+/// receiver (asleep between pings, no spinning) was woken by a doorbell. (Replies may find the
+/// sender still awake, so they need not ring.)
 fn assert_doorbells(ns: &[Netns], agents: &[Agent], shm: &Path, from: usize, to: usize) {
     let before = status_json(shm);
-    assert_ping_patient(&ns[from], &addr(to), 5);
+    assert_ping_patient(&ns[from], &addr(to), 3);
     let after = status_json(shm);
-    for (i, key) in [(from, "rung"), (to, "wakeups"), (to, "rung"), (from, "wakeups")] {
+    for (i, key) in [(from, "rung"), (to, "wakeups")] {
         let id = agents[i].peer_id;
         let (b, a) = (doorbells(&before, id)[key], doorbells(&after, id)[key]);
         assert!(a > b, "member {i} (peer {id}): {key} did not grow ({b} -> {a}) while {from} pinged {to}: {after:#}");
@@ -258,7 +259,7 @@ fn server_restart_with_fd_store_keeps_doorbells() {
         assert!(!ag.log().contains("closed the connection"), "lost its connection:\n{}", ag.log());
     }
     // Old and new members ring each other (counters show doorbells, not polling).
-    for (x, y) in [(0, 2), (2, 1), (1, 0)] {
+    for (x, y) in [(0, 2), (2, 0), (1, 2), (2, 1), (0, 1), (1, 0)] {
         assert_doorbells(&ns, &agents, &shm.path, x, y);
     }
     s2.assert_running();

@@ -150,6 +150,19 @@ const TICK: Duration = Duration::from_millis(200);
 /// Descriptors kept for the server itself when sizing the client limit from RLIMIT_NOFILE.
 const RESERVED_FDS: u64 = 32;
 
+impl Client {
+    /// Queues a notice (a join or leave of another peer).
+    fn notify(&mut self, value: i64, fd: Option<Arc<OwnedFd>>) {
+        let q = if self.handshake_done { &mut self.out } else { &mut self.held };
+        q.push(value, fd);
+    }
+
+    /// Takes back a departed peer's join if this client has not begun to receive it.
+    fn withdraw(&mut self, fds: &[Arc<OwnedFd>]) -> bool {
+        self.held.withdraw(fds) || self.out.withdraw(fds)
+    }
+}
+
 struct Client {
     /// Doorbell id (what QEMU calls the peer id).
     id: u32,
@@ -158,6 +171,9 @@ struct Client {
     stream: UnixStream,
     vectors: Vec<Arc<OwnedFd>>,
     out: MessageQueue,
+    /// Notices for a client still in its handshake: sent once it has read its setup, so that
+    /// "everything sent was read" tells that the setup was.
+    held: MessageQueue,
     pid: Option<u32>,
     uid: Option<u32>,
     /// When it connected (for the handshake deadline).
@@ -441,6 +457,7 @@ impl Server {
                     stream,
                     vectors: c.vectors.into_iter().map(Arc::new).collect(),
                     out,
+                    held: MessageQueue::default(),
                     pid: cred.map(|c| c.pid).filter(|&p| p != 0),
                     uid: cred.map(|c| c.uid),
                     since: now,
@@ -554,14 +571,20 @@ impl Server {
         }
         let timeout = self.cfg.limits.handshake_timeout;
         let mut late = Vec::new();
+        let mut done = Vec::new();
         for (&t, c) in self.clients.iter_mut().filter(|(_, c)| !c.handshake_done) {
             if c.out.is_empty()
                 && crate::sys::unread_output(c.stream.as_raw_fd()).is_ok_and(|n| n == 0)
             {
                 c.handshake_done = true;
+                c.out.append(&mut c.held);
+                done.push(t);
             } else if now.duration_since(c.since) > timeout {
                 late.push(t);
             }
+        }
+        for t in done {
+            self.flush(poll, t);
         }
         for t in late {
             if let Some(c) = self.clients.get(&t) {
@@ -727,7 +750,7 @@ impl Server {
         for &t in &tokens {
             if let Some(c) = self.clients.get_mut(&t) {
                 for v in &vectors {
-                    c.out.push(id as i64, Some(v.clone()));
+                    c.notify(id as i64, Some(v.clone()));
                 }
             }
         }
@@ -742,6 +765,7 @@ impl Server {
                 stream,
                 vectors,
                 out,
+                held: MessageQueue::default(),
                 pid,
                 uid,
                 since: now,
@@ -758,11 +782,11 @@ impl Server {
     fn flush(&mut self, poll: &Poll, token: usize) {
         let Some(c) = self.clients.get_mut(&token) else { return };
         match c.out.flush(c.stream.as_raw_fd()) {
-            Ok(_) if c.out.len() > self.cfg.max_queue => {
+            Ok(_) if c.out.len() + c.held.len() > self.cfg.max_queue => {
                 let id = c.id;
                 log::warn!(
                     "peer {id} does not read its messages ({} queued); disconnecting it",
-                    c.out.len()
+                    c.out.len() + c.held.len()
                 );
                 self.remove(poll, token, false);
             }
@@ -830,8 +854,8 @@ impl Server {
             if let Some(o) = self.clients.get_mut(&t) {
                 // A client that has not begun to receive the join is spared both join and leave
                 // (so a client that does not read cannot make us hold departed peers' fds).
-                if !o.out.withdraw(&c.vectors) {
-                    o.out.push(c.id as i64, None);
+                if !o.withdraw(&c.vectors) {
+                    o.notify(c.id as i64, None);
                 }
             }
         }

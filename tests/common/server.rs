@@ -365,7 +365,8 @@ impl RawClient {
         }
     }
 
-    fn read_setup_after_version(&mut self, vectors: usize) -> Setup {
+    /// The rest of a setup after the protocol version (which the caller received itself).
+    pub fn read_setup_after_version(&mut self, vectors: usize) -> Setup {
         let m = self.expect_msg("our id (step 2)");
         assert!(m.fd.is_none(), "our id came with a descriptor");
         assert!((0..=65535).contains(&m.value), "id {} out of range", m.value);
