@@ -131,6 +131,8 @@ pub struct Datapath<T: FrameIo> {
     rx_cursor: usize,
     /// Pull-style receive: frames taken from each ring since its tail was last published.
     rx_taken: Vec<u32>,
+    /// Peers that waited for a doorbell we could not ring (cleared when one rings).
+    unringable: Vec<bool>,
 }
 
 impl<T: FrameIo> Datapath<T> {
@@ -186,6 +188,7 @@ impl<T: FrameIo> Datapath<T> {
             drop_log: RateLimit::new(),
             rx_cursor: 0,
             rx_taken: vec![0; n as usize],
+            unringable: vec![false; n as usize],
         }
     }
 
@@ -208,6 +211,13 @@ impl<T: FrameIo> Datapath<T> {
     /// (a batch ended on its budget, not on `WouldBlock`), and we are not blocked on a ring.
     pub fn tap_backlog(&self) -> bool {
         self.tap_readable && self.pending.is_none()
+    }
+
+    /// Whether to poll instead of sleeping on doorbells: a waiting peer could not be rung
+    /// lately, and a peer we cannot ring probably cannot ring us.
+    pub fn polls_for_unringable_peers(&self) -> bool {
+        let links = &self.links;
+        self.unringable.iter().enumerate().any(|(p, &u)| u && links.is_up(p as u32))
     }
 
     /// Whether a frame is held back waiting for ring space.
@@ -475,13 +485,20 @@ impl<T: FrameIo> Datapath<T> {
                 Some(true) if notifier.notify(dst as u32, VECTOR_DATA) => {
                     self.doorbells[DoorbellCounter::Rung as usize] += 1;
                     self.counters_dirty = true;
+                    self.unringable[dst] = false;
                 }
                 Some(false) => {
                     // The consumer is busy: it will find the frames without being interrupted.
                     self.doorbells[DoorbellCounter::Suppressed as usize] += 1;
                     self.counters_dirty = true;
                 }
-                Some(true) | None => {}
+                Some(true) => {
+                    // A waiting consumer we have no doorbell for (it joined through another
+                    // server, or before a restart without the fd store): it likely cannot ring
+                    // us either, so we poll while it is up (see `polls_for_unringable_peers`).
+                    self.unringable[dst] = true;
+                }
+                None => {}
             }
         }
         if self.counters_dirty {
@@ -569,6 +586,7 @@ impl<T: FrameIo> Datapath<T> {
         self.pending = None;
         self.stalled.iter_mut().for_each(|s| *s = false);
         self.rx_taken.iter_mut().for_each(|t| *t = 0);
+        self.unringable.iter_mut().for_each(|u| *u = false);
         self.counters_dirty = true;
         self.beat_due = true;
     }

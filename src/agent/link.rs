@@ -1151,4 +1151,32 @@ mod tests {
         );
         assert!(a_reaches_b(&mut a, &mut b, later));
     }
+
+    /// Rings nobody (no doorbells for anyone), or everybody.
+    struct Bells(bool);
+
+    impl crate::doorbell::Notifier for Bells {
+        fn notify(&mut self, _peer: u32, _vector: u16) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn test_a_member_polls_while_a_waiting_peer_cannot_be_rung() {
+        let r = small_region(4);
+        let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+        let now = Instant::now();
+        round(&mut [&mut a, &mut b], now);
+        for can_ring in [false, true] {
+            // B sleeps (its waiting flags set); A sends it a frame.
+            assert!(!b.prepare_to_sleep());
+            a.tap.inbound.push_back(frame(mac_of(1), mac_of(0), 1));
+            a.set_tap_readable();
+            a.tx(now);
+            a.publish(&mut Bells(can_ring));
+            assert_eq!(a.polls_for_unringable_peers(), !can_ring, "can ring: {can_ring}");
+            b.wake();
+            b.rx(now, &mut NoDoorbells);
+        }
+    }
 }
