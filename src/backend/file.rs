@@ -225,10 +225,31 @@ impl BackingCheck for FileBacking {
 /// kernel if we die: never a lock in shared memory).
 struct FlockGuard<'f>(&'f File);
 
+/// The longest wait for another process's sizing step (a stopped process may hold the lock).
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl<'f> FlockGuard<'f> {
     fn new(f: &'f File) -> io::Result<Self> {
-        sys::flock(f.as_raw_fd(), libc::LOCK_EX)?;
-        Ok(FlockGuard(f))
+        let deadline = std::time::Instant::now() + LOCK_TIMEOUT;
+        loop {
+            match sys::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(()) => return Ok(FlockGuard(f)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "another process has held its lock for {LOCK_TIMEOUT:?} (a \
+                                 member stopped while creating the file?)"
+                            ),
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -425,4 +446,78 @@ pub fn open_read_only(path: &Path) -> Result<Region, FileBackendError> {
         .map_err(|source| FileBackendError::Map { path: path.into(), source })?;
     let mem = sys::sigbus::guard(Arc::new(ReadOnlyMapping(map)));
     Ok(Region::open_read_only(mem, &path.display().to_string())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ivnet-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn test_new_files_are_private_unless_asked() {
+        let dir = scratch("mode");
+        let req = GeometryRequest::default();
+        let a = attach_with(&dir.join("a"), Some(32 << 20), &req, &CreateMode::default()).unwrap();
+        assert_eq!(a.file.metadata().unwrap().mode() & 0o777, 0o600);
+        assert!(a.created);
+        let open = CreateMode { mode: 0o640, group: None };
+        let b = attach_with(&dir.join("b"), Some(32 << 20), &req, &open).unwrap();
+        assert_eq!(b.file.metadata().unwrap().mode() & 0o777, 0o640);
+        // Joining an existing file neither creates it nor changes its mode.
+        let again = attach_with(&dir.join("b"), Some(32 << 20), &req, &CreateMode::default());
+        let again = again.unwrap();
+        assert!(!again.created);
+        assert_eq!(again.file.metadata().unwrap().mode() & 0o777, 0o640);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn test_failed_start_removes_only_a_file_it_created() {
+        let dir = scratch("cleanup");
+        let req = GeometryRequest::default();
+        let path = dir.join("small");
+        let e = attach_with(&path, Some(64 << 10), &req, &CreateMode::default()).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("use a larger --size")));
+        assert!(!path.exists(), "a failed start left the file it created");
+        // A file that was there before stays.
+        std::fs::write(&path, b"").unwrap();
+        assert!(attach_with(&path, Some(64 << 10), &req, &CreateMode::default()).is_err());
+        assert!(path.exists(), "a file the start did not create was removed");
+        // After a later failure: removed if nobody else joined, kept otherwise.
+        let p2 = dir.join("later");
+        let a = attach_with(&p2, Some(32 << 20), &req, &CreateMode::default()).unwrap();
+        a.discard_if_unused();
+        assert!(!p2.exists());
+        let a = attach_with(&p2, Some(32 << 20), &req, &CreateMode::default()).unwrap();
+        let other = a.region.peer(3);
+        let inc = other.try_claim(0).unwrap();
+        other.set_state(crate::region::PeerState::Up, inc);
+        a.discard_if_unused();
+        assert!(p2.exists(), "a file another member joined was removed");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn test_deleted_or_replaced_file_is_reported() {
+        let dir = scratch("backing");
+        let path = dir.join("r");
+        let req = GeometryRequest::default();
+        let a = attach_with(&path, Some(32 << 20), &req, &CreateMode::default()).unwrap();
+        assert_eq!(a.region.backing_problem(), None);
+        std::fs::remove_file(&path).unwrap();
+        let p = a.region.backing_problem().unwrap();
+        assert!(p.contains("was deleted while in use"), "{p}");
+        // Someone creates the path again: another segment, also reported.
+        let b = attach_with(&path, Some(32 << 20), &req, &CreateMode::default()).unwrap();
+        assert_eq!(b.region.backing_problem(), None);
+        assert!(a.region.backing_problem().unwrap().contains("deleted"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
