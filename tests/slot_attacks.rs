@@ -208,3 +208,55 @@ fn attack_next_doorbell_id_in_victims_entry_does_not_hand_out_its_slot() {
     server.assert_running();
     drop((a, d));
 }
+
+/// A process on this host claims a server member's slot (a new incarnation, its pid, joining):
+/// the member rejoins under a free slot, and the server pairs its doorbell id with the new slot,
+/// so a peer that never busy-polls still wakes it with doorbells.
+#[test]
+fn attack_claim_by_a_live_process_moves_a_server_member_and_doorbells_follow() {
+    let test = "attack_claim_by_a_live_process_moves_a_server_member_and_doorbells_follow";
+    if !require_root(test) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new();
+    let mut server = Server::start(&dir, &[]);
+    let ns: Vec<Netns> = (0..2).map(|_| Netns::new()).collect();
+    let nospin = ["--spin-us", "0"];
+    let a = start_socket_agent(&ns[0], &server, "10.77.0.1/24", &nospin, &dir);
+    let mut victim = start_socket_agent(&ns[1], &server, "10.77.0.2/24", &nospin, &dir);
+    wait_until("A reaches the victim", Duration::from_secs(10), || {
+        ping_once(&ns[0], "10.77.0.2", Duration::from_millis(500))
+    });
+    let r = attacker(&server.shm.path);
+    let old = victim.peer_id;
+    let doorbell = r.peer(old).doorbell_id().expect("the victim's doorbell id");
+    let mut claimer = std::process::Command::new("sleep").arg("60").spawn().expect("sleep");
+    let slot = r.peer(old);
+    let inc = slot.try_claim(slot.incarnation()).expect("claim");
+    slot.set_owner(claimer.id());
+    slot.set_state(PeerState::Joining, inc);
+    let t0 = Instant::now();
+    let ok = poll_until(RECOVERY, || ping_once(&ns[0], "10.77.0.2", Duration::from_millis(200)));
+    victim.assert_running();
+    assert!(ok.is_some(), "the victim did not answer within {RECOVERY:?}:\n{}", victim.log());
+    report(&format!("{test}: the victim answered after {:.3} s", t0.elapsed().as_secs_f64()));
+    let moved = (0..8u32)
+        .find(|&s| r.peer(s).owner().1 == victim.pid() && r.peer(s).state() == PeerState::Up)
+        .expect("the victim is up in some slot");
+    assert_ne!(moved, old, "the victim stayed in a slot a live process claimed");
+    assert!(victim.log().contains("held by another member"), "{}", victim.log());
+    wait_until("the server pairs the victim's doorbell id with its new slot", RECOVERY, || {
+        r.peer(moved).doorbell_id() == Some(doorbell)
+    });
+    // Doorbells reach it in its new slot.
+    let wakeups = |st: &serde_json::Value| doorbells(st, moved)["wakeups"];
+    let before = wakeups(&server.status());
+    assert_ping_patient(&ns[0], "10.77.0.2", 3);
+    let after = wakeups(&server.status());
+    assert!(after > before, "no doorbell woke the moved victim ({before} -> {after})");
+    let _ = claimer.kill();
+    let _ = claimer.wait();
+    server.assert_running();
+    drop(a);
+}

@@ -569,6 +569,7 @@ impl Server {
                 p.set_doorbell_id(w.doorbell_id);
             }
         }
+        self.follow_moved_clients();
         let timeout = self.cfg.limits.handshake_timeout;
         let mut late = Vec::new();
         let mut done = Vec::new();
@@ -599,6 +600,46 @@ impl Server {
         }
         if self.accept_blocked {
             self.accept_all(poll);
+        }
+    }
+
+    /// A member on this host that found its slot held by another and rejoined under a free one
+    /// (see `agent::link`) is found by its pid: its doorbell id is paired with its new slot, so
+    /// the others ring it again.
+    fn follow_moved_clients(&mut self) {
+        let me = crate::sys::host_token();
+        let max = self.max_peers;
+        let mut moves = Vec::new();
+        for (&t, c) in &self.clients {
+            let Some(pid) = c.pid else { continue };
+            let owned_by = |s: u32| {
+                let p = self.region.peer(s);
+                p.owner() == (me, pid) && matches!(p.state(), PeerState::Up | PeerState::Joining)
+            };
+            if owned_by(c.slot) {
+                continue;
+            }
+            if let Some(s) = (0..max).find(|&s| s != c.slot && owned_by(s)) {
+                moves.push((t, s));
+            }
+        }
+        for (t, s) in moves {
+            let Some(c) = self.clients.get_mut(&t) else { continue };
+            log::info!(
+                "peer {} (pid {:?}) moved from peer slot {} to {s}: its doorbell id now goes with \
+                 slot {s}",
+                c.id,
+                c.pid,
+                c.slot
+            );
+            if c.stored {
+                self.store.forget(&[format!("peer-{}-{}", c.id, c.slot)]);
+                self.store.keep(c.stream.as_raw_fd(), &format!("peer-{}-{s}", c.id));
+            }
+            self.slots[c.slot as usize].doorbell_id = None;
+            self.slots[s as usize].doorbell_id = Some(c.id);
+            self.region.peer(s).set_doorbell_id(Some(c.id));
+            c.slot = s;
         }
     }
 
