@@ -151,9 +151,22 @@ const TICK: Duration = Duration::from_millis(200);
 const RESERVED_FDS: u64 = 32;
 
 impl Client {
+    /// Whether it has read its whole setup (checked now if not known yet); once it has, held
+    /// notices move to the send queue.
+    fn check_handshake(&mut self) -> bool {
+        if !self.handshake_done
+            && self.out.is_empty()
+            && crate::sys::unread_output(self.stream.as_raw_fd()).is_ok_and(|n| n == 0)
+        {
+            self.handshake_done = true;
+            self.out.append(&mut self.held);
+        }
+        self.handshake_done
+    }
+
     /// Queues a notice (a join or leave of another peer).
     fn notify(&mut self, value: i64, fd: Option<Arc<OwnedFd>>) {
-        let q = if self.handshake_done { &mut self.out } else { &mut self.held };
+        let q = if self.check_handshake() { &mut self.out } else { &mut self.held };
         q.push(value, fd);
     }
 
@@ -202,6 +215,8 @@ const TOKEN_LISTENER: Token = Token(0);
 const TOKEN_SIGNAL: Token = Token(1);
 const TOKEN_TIMER: Token = Token(2);
 const FIRST_CLIENT_TOKEN: usize = 16;
+/// Connections accepted in one round before the other events get their turn.
+const ACCEPT_BATCH: usize = 4;
 
 fn socket_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServerError {
     let path = path.to_path_buf();
@@ -293,6 +308,8 @@ pub struct Server {
     spare: Vec<EventFd>,
     /// Accepting stopped for lack of descriptors; retried on the timer and when a client leaves.
     accept_blocked: bool,
+    /// The last accept round stopped at its batch size: more connections may be queued.
+    accept_more: bool,
     max_clients: usize,
     per_uid: usize,
     refusals: RateLimit,
@@ -406,6 +423,7 @@ impl Server {
             store,
             spare: Vec::new(),
             accept_blocked: false,
+            accept_more: false,
             max_clients,
             per_uid,
             refusals: RateLimit { window: None, logged: 0, suppressed: 0 },
@@ -507,14 +525,20 @@ impl Server {
         self.accept_all(&poll);
         let mut events = Events::with_capacity(256);
         loop {
-            match poll.poll(&mut events, None) {
+            // Between rounds of accepts, departures and other events are handled first.
+            let timeout = self.accept_more.then_some(Duration::ZERO);
+            match poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(evl("epoll_wait")(e)),
             }
+            let mut accepted = false;
             for ev in events.iter() {
                 match ev.token() {
-                    TOKEN_LISTENER => self.accept_all(&poll),
+                    TOKEN_LISTENER => {
+                        self.accept_all(&poll);
+                        accepted = true;
+                    }
                     TOKEN_TIMER => {
                         timer.drain();
                         self.tick(&poll, Instant::now());
@@ -542,6 +566,9 @@ impl Server {
                         }
                     }
                 }
+            }
+            if self.accept_more && !accepted {
+                self.accept_all(&poll);
             }
         }
     }
@@ -574,11 +601,7 @@ impl Server {
         let mut late = Vec::new();
         let mut done = Vec::new();
         for (&t, c) in self.clients.iter_mut().filter(|(_, c)| !c.handshake_done) {
-            if c.out.is_empty()
-                && crate::sys::unread_output(c.stream.as_raw_fd()).is_ok_and(|n| n == 0)
-            {
-                c.handshake_done = true;
-                c.out.append(&mut c.held);
+            if c.check_handshake() {
                 done.push(t);
             } else if now.duration_since(c.since) > timeout {
                 late.push(t);
@@ -685,7 +708,8 @@ impl Server {
     /// backlog stays queued (edge-triggered polling would not report it again): the timer and
     /// every departure retry.
     fn accept_all(&mut self, poll: &Poll) {
-        loop {
+        self.accept_more = false;
+        for _ in 0..ACCEPT_BATCH {
             // The eventfds come first: a client is accepted only when it can be served.
             while self.spare.len() < self.cfg.vectors as usize {
                 match EventFd::new() {
@@ -708,6 +732,9 @@ impl Server {
             };
             self.admit(poll, stream);
         }
+        // A full batch: a fast client could keep this loop busy for ever, so let the event loop
+        // handle departures before the next round.
+        self.accept_more = true;
     }
 
     fn block_accept(&mut self, e: &io::Error) {
@@ -730,8 +757,20 @@ impl Server {
         let _ = crate::sys::shutdown(stream.as_raw_fd());
     }
 
+    /// Looks at every connection for a departure whose event is still queued (a client that
+    /// connects, reads and closes faster than the event loop turns), before refusing anyone.
+    fn reap_departed(&mut self, poll: &Poll) {
+        let tokens: Vec<usize> = self.clients.keys().copied().collect();
+        for t in tokens {
+            self.on_readable(poll, t);
+        }
+    }
+
     fn admit(&mut self, poll: &Poll, mut stream: UnixStream) {
         let now = Instant::now();
+        if self.clients.len() >= self.max_clients || self.free_slot(now).is_none() {
+            self.reap_departed(poll);
+        }
         let cred = crate::sys::peer_cred(stream.as_raw_fd());
         let (pid, uid) = (cred.map(|c| c.pid).filter(|&p| p != 0), cred.map(|c| c.uid));
         let whom = who(pid, uid);
