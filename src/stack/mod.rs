@@ -699,8 +699,13 @@ impl Stack {
         let now = Instant::now();
         let ts = self.timestamp(now);
         let blocked = self.device.datapath().is_blocked();
+        let unringable = self.device.datapath().polls_for_unringable_peers();
         let w = &mut self.waiter;
         let mut timeout = w.next_housekeeping.saturating_duration_since(now);
+        if unringable {
+            // A peer we could not ring (joined through another server) cannot ring us: poll.
+            timeout = timeout.min(w.poll_idle);
+        }
         if let Some(l) = limit {
             timeout = timeout.min(l);
         }
