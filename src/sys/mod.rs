@@ -326,13 +326,30 @@ pub fn free_space(fd: RawFd) -> io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
 }
 
-/// The identity of an open file: (device, inode, link count).
-pub fn file_identity(fd: RawFd) -> io::Result<(u64, u64, u64)> {
-    // SAFETY: stat is plain data; fstat fills it.
-    let mut st: libc::stat = unsafe { mem::zeroed() };
-    // SAFETY: `st` is a valid, writable stat for the duration of the call.
-    cvt(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok((st.st_dev, st.st_ino, st.st_nlink))
+/// The soft limit on open descriptors (RLIMIT_NOFILE), if there is one.
+pub fn nofile_limit() -> Option<u64> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: `rl` is valid and writable for the duration of the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) }).ok()?;
+    (rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur)
+}
+
+/// Whether `fd` is a socket that listens for connections (SO_ACCEPTCONN).
+pub fn is_listening_socket(fd: RawFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && v != 0
 }
 
 /// Sets the process's file mode creation mask; returns the previous one.
