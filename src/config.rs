@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::agent::tap::OffloadMode;
+use crate::backend::file::CreateMode;
 use crate::mac::Mac;
 use crate::region::GeometryRequest;
 
@@ -128,6 +129,53 @@ pub struct RegionArgs {
     /// Largest MTU the segment carries (default 65521, the TAP maximum).
     #[arg(long, value_name = "BYTES")]
     pub segment_mtu: Option<u32>,
+    /// Permissions of a region file (and the server's socket) this command creates, in octal.
+    /// Default 0600: only the creating user. Every member can read and write the whole region.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// Group of a region file (and the server's socket) this command creates (name or id), so
+    /// that QEMU or libvirt running as another user can be let in with `--mode 0660`.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+/// Parses a permission mode written in octal (`0660`, `660`, `0o660`).
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let t = t.strip_prefix("0o").unwrap_or(t);
+    match u32::from_str_radix(t, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not a permission mode like 0600 or 0660")),
+    }
+}
+
+/// Resolves a group given by name or number.
+pub fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.trim().parse::<u32>() {
+        return Ok(gid);
+    }
+    crate::sys::group_id(s.trim()).ok_or_else(|| format!("there is no group {s:?}"))
+}
+
+impl RegionArgs {
+    /// Mode and group for files these flags make the command create (`file` given by a
+    /// configuration file: its `mode`/`group` keys, which the flags override).
+    pub fn create_mode(
+        &self,
+        file_mode: Option<&str>,
+        file_group: Option<&str>,
+    ) -> Result<CreateMode, ConfigError> {
+        let mode = match (self.mode, file_mode) {
+            (Some(m), _) => m,
+            (None, Some(m)) => parse_mode(m).map_err(|m| invalid("mode", m))?,
+            (None, None) => CreateMode::default().mode,
+        };
+        let group = match self.group.as_deref().or(file_group) {
+            Some(g) => Some(parse_group(g).map_err(|m| invalid("group", m))?),
+            None => None,
+        };
+        Ok(CreateMode { mode, group })
+    }
 }
 
 /// Flags of `ivnet agent`.
@@ -208,9 +256,32 @@ pub struct ServerArgs {
     /// match. ivnet uses vector 0 for link changes and 1 for data.
     #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_VECTORS)]
     pub vectors: u32,
+    /// A client must have read its whole setup within this time or it is disconnected, in ms
+    /// (QEMU reads it at once; afterwards clients may stay silent). Default 5000.
+    #[arg(long, value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Most clients at once. Default: the peer slots (fewer if the descriptor limit is low).
+    #[arg(long, value_name = "N")]
+    pub max_clients: Option<u32>,
+    /// Most clients of one user at once (uid 0 is not limited). Default: peer slots - 1, so no
+    /// single user can fill the segment; with libvirt every guest runs under one uid.
+    #[arg(long, value_name = "N")]
+    pub max_clients_per_uid: Option<u32>,
 }
 
 impl ServerArgs {
+    /// The client limits these flags ask for.
+    pub fn limits(&self) -> crate::server::Limits {
+        let d = crate::server::Limits::default();
+        crate::server::Limits {
+            handshake_timeout: self
+                .handshake_timeout_ms
+                .map_or(d.handshake_timeout, Duration::from_millis),
+            max_clients: self.max_clients,
+            max_clients_per_uid: self.max_clients_per_uid,
+        }
+    }
+
     /// Checks the flags and builds the server configuration.
     pub fn to_config(&self) -> Result<crate::server::ServerConfig, ConfigError> {
         let Some(shm) = self.region.shm.clone() else {
@@ -226,6 +297,8 @@ impl ServerArgs {
             vectors: self.vectors,
             geometry: self.region.geometry(),
             max_queue: 4096,
+            mode: self.region.create_mode(None, None)?,
+            limits: self.limits(),
         })
     }
 }
@@ -269,6 +342,8 @@ struct FileConfig {
     bind: Option<bool>,
     offload: Option<String>,
     pin_macs: Option<bool>,
+    mode: Option<String>,
+    group: Option<String>,
 }
 
 /// How the agent reaches its region.
@@ -324,6 +399,8 @@ pub struct AgentConfig {
     pub offload: OffloadMode,
     /// Drop frames whose source MAC is not their sender's own.
     pub pin_macs: bool,
+    /// Mode and group of a region file the agent creates.
+    pub create_mode: CreateMode,
 }
 
 /// Default spin window in µs (see bench/README.md for the measurement behind it).
@@ -387,6 +464,7 @@ impl AgentConfig {
                 more: ", --socket PATH (a doorbell server) or --device auto (the ivshmem PCI device in a VM)",
             });
         };
+        let create_mode = r.create_mode(file.mode.as_deref(), file.group.as_deref())?;
         let geometry = GeometryRequest {
             max_peers: r.max_peers.or(file.max_peers),
             ring_slots: r.slots.or(file.slots),
@@ -455,6 +533,7 @@ impl AgentConfig {
             poll_idle: Duration::from_micros(poll_idle_us),
             link_timeout: Duration::from_millis(timeout_ms),
             spin: Duration::from_micros(spin_us),
+            create_mode,
         })
     }
 }

@@ -78,8 +78,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = AgentConfig::from_args(&args)?;
             match &cfg.backend {
                 BackendChoice::File { path, size } => {
-                    let region = backend::file::attach(path, *size, &cfg.geometry)?;
-                    ivnet::agent::run(region, &cfg, None, None)?;
+                    let attached =
+                        backend::file::attach_with(path, *size, &cfg.geometry, &cfg.create_mode)?;
+                    if let Err(e) = ivnet::agent::run(attached.region.clone(), &cfg, None, None) {
+                        // A failed start leaves no file it created behind.
+                        attached.discard_if_unused();
+                        return Err(e.into());
+                    }
                 }
                 BackendChoice::Pci { spec, bind } => {
                     let m = backend::open_pci(spec, *bind, &cfg.geometry, cfg.spin)?;

@@ -1,7 +1,13 @@
 //! `ivnet status`: the header, every peer and every ring of a region, read from outside (no
 //! TAP, no root; a readable file suffices). Reads only: it never writes to the region.
+//!
+//! A peer's state is judged, not just read: a slot that says `up` is shown `down` when its
+//! owner's process is gone from this host, or when its heartbeat is older than
+//! [`STALE_AFTER`] and does not move while `status` watches it for a moment (the wall clock of
+//! another VM may differ from ours, so age alone does not condemn a member elsewhere).
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -9,11 +15,39 @@ use crate::region::layout::{DoorbellCounter, PeerCounter};
 use crate::region::ring::RingSnapshot;
 use crate::region::{Geometry, PeerSnapshot, PeerState, Region};
 
+/// A heartbeat older than this (by the wall clock) makes `status` look closer at a member.
+pub const STALE_AFTER: Duration = Duration::from_secs(2);
+/// How long `status` watches heartbeat counters of members whose wall-clock age looks stale.
+const HEARTBEAT_WATCH: Duration = Duration::from_millis(300);
+
+/// Whether a member is there, as `status` judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Never used.
+    Free,
+    /// Claimed, not up yet.
+    Joining,
+    /// Up and heartbeating.
+    Up,
+    /// The slot says up, but its owner is gone (see `down_reason`).
+    Down,
+    /// Left cleanly.
+    Left,
+    /// A state this build does not know.
+    Unknown,
+}
+
 /// One peer as `status` reports it.
 #[derive(Debug, Serialize)]
 pub struct PeerStatus {
     /// Peer id.
     pub id: u32,
+    /// Judged state: the slot's state, except that a slot whose owner is gone is `down`.
+    pub state: Liveness,
+    /// Why a slot that says up is shown down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
     /// The entry.
     #[serde(flatten)]
     pub entry: PeerSnapshot,
@@ -123,6 +157,8 @@ impl Status {
                     id,
                     offloads: crate::offload::Features::from_bits_truncate(entry.features)
                         .to_string(),
+                    state: Liveness::Unknown,
+                    down_reason: None,
                     heartbeat_age_ms: (entry.heartbeat_ms != 0)
                         .then(|| now_ms.saturating_sub(entry.heartbeat_ms)),
                     entry,
@@ -149,6 +185,8 @@ impl Status {
                 })
             })
             .collect();
+        let mut peers = peers;
+        judge(region, &mut peers);
         let ids: Vec<u32> = peers.iter().map(|p| p.id).collect();
         let mut rings = Vec::new();
         for &src in &ids {
@@ -227,7 +265,7 @@ impl Status {
                 s,
                 "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6} {:<26} {:>10} {:>10} {:>8}",
                 p.id,
-                format!("{:?}", e.state).to_lowercase(),
+                format!("{:?}", p.state).to_lowercase(),
                 format!("{:?}", e.kind).to_lowercase(),
                 crate::mac::Mac(e.mac).to_string(),
                 e.incarnation,
@@ -239,6 +277,9 @@ impl Status {
                 c.local_tx_frames,
                 drops
             );
+            if let Some(why) = &p.down_reason {
+                let _ = writeln!(s, "      down: {why}");
+            }
             if drops > 0 {
                 let _ = writeln!(
                     s,
@@ -287,5 +328,115 @@ impl Status {
             );
         }
         s
+    }
+}
+
+/// Judges every peer's liveness (see the module docs).
+fn judge(region: &Region, peers: &mut [PeerStatus]) {
+    let me = crate::sys::host_token();
+    let mut watch = Vec::new();
+    for (i, p) in peers.iter_mut().enumerate() {
+        let e = &p.entry;
+        p.state = match e.state {
+            PeerState::Free => Liveness::Free,
+            PeerState::Joining => Liveness::Joining,
+            PeerState::Left => Liveness::Left,
+            PeerState::Unknown => Liveness::Unknown,
+            PeerState::Up => Liveness::Up,
+        };
+        if e.state != PeerState::Up {
+            continue;
+        }
+        let (host, pid) = region.peer(p.id).owner();
+        let stale = p.heartbeat_age_ms.is_none_or(|a| a > STALE_AFTER.as_millis() as u64);
+        if host != 0 && host == me && pid != 0 {
+            // Same host and pid namespace: the process answers for itself, and the clocks agree.
+            if !crate::sys::process_exists(pid) {
+                p.state = Liveness::Down;
+                p.down_reason = Some(format!("process {pid} is gone"));
+            } else if stale {
+                p.state = Liveness::Down;
+                p.down_reason = Some(format!(
+                    "process {pid} runs but has not heartbeaten for {:.1} s (stopped?)",
+                    p.heartbeat_age_ms.unwrap_or(0) as f64 / 1000.0
+                ));
+            }
+        } else if stale {
+            watch.push((i, e.heartbeat));
+        }
+    }
+    if watch.is_empty() {
+        return;
+    }
+    // Members elsewhere with an old-looking heartbeat: does the counter move?
+    let deadline = Instant::now() + HEARTBEAT_WATCH;
+    while Instant::now() < deadline && !watch.is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+        watch.retain(|&(i, hb)| region.peer(peers[i].id).heartbeat() == hb);
+    }
+    for (i, _) in watch {
+        let p = &mut peers[i];
+        p.state = Liveness::Down;
+        p.down_reason = Some(format!(
+            "its heartbeat has not moved for {:.1} s",
+            p.heartbeat_age_ms.unwrap_or(0) as f64 / 1000.0
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::{GeometryRequest, HeapMemory, PeerKind};
+    use std::sync::Arc;
+
+    fn member(r: &Region, id: u32, pid: u32, age_ms: u64) {
+        let slot = r.peer(id);
+        let inc = slot.try_claim(slot.incarnation()).unwrap();
+        slot.set_info([2, 0, 0, 0, 0, id as u8], 1500, 0, PeerKind::Agent, pid);
+        slot.set_heartbeat(7, crate::sys::wall_ms() - age_ms);
+        slot.set_state(PeerState::Up, inc);
+    }
+
+    fn state_of(st: &Status, id: u32) -> Liveness {
+        st.peers.iter().find(|p| p.id == id).unwrap().state
+    }
+
+    #[test]
+    fn test_status_judges_liveness_not_only_the_state_word() {
+        let req = GeometryRequest { max_peers: Some(4), ..Default::default() };
+        let r = Region::attach(Arc::new(HeapMemory::new(4 << 20)), "s", &req).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        member(&r, 0, std::process::id(), 0);
+        member(&r, 1, dead, 5000);
+        member(&r, 2, dead, 0);
+        // A member elsewhere (another VM): its clock says 5 s, but its counter moves.
+        member(&r, 3, 1, 5000);
+        r.raw()
+            .u64_at(r.layout().peer(3) + crate::region::layout::peer::HOST)
+            .store(0xfeed, std::sync::atomic::Ordering::Relaxed);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r2, s2) = (r.clone(), stop.clone());
+        let beater = std::thread::spawn(move || {
+            let mut hb = 8;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                r2.peer(3).set_heartbeat(hb, 1);
+                hb += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let st = Status::read(&r);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        beater.join().unwrap();
+        assert_eq!(state_of(&st, 0), Liveness::Up);
+        assert_eq!(state_of(&st, 1), Liveness::Down, "pid gone, heartbeat 5 s old");
+        assert_eq!(state_of(&st, 2), Liveness::Down, "pid gone");
+        assert_eq!(state_of(&st, 3), Liveness::Up, "a moving heartbeat elsewhere is up");
+        assert!(st.to_text().contains(&format!("process {dead} is gone")));
+        // Now the member elsewhere stops too.
+        let st = Status::read(&r);
+        assert_eq!(state_of(&st, 3), Liveness::Down);
     }
 }

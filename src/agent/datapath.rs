@@ -9,7 +9,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::link::{Claim, LinkEvent, Links};
+use super::link::{self, Claim, LinkEvent, Links, OwnSlot, SlotCheck};
 use super::switch::{Forward, Switch};
 use super::tap::FrameIo;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA, VECTOR_LINK};
@@ -142,22 +142,10 @@ impl Default for DatapathOptions {
     }
 }
 
-/// Why the data path stopped.
+/// Why the data path stopped. (Nothing in the region stops it: a slot taken by another member
+/// makes it rejoin under another, see [`Datapath::rejoin`].)
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    /// Someone else took over our slot (we were presumed dead).
-    #[error(
-        "peer slot {id} was taken over by another process (incarnation {theirs}, ours {ours}): \
-         this agent was presumed dead; restart it"
-    )]
-    Evicted {
-        /// Our id.
-        id: u32,
-        /// Our incarnation.
-        ours: u64,
-        /// The incarnation now in the slot.
-        theirs: u64,
-    },
     /// The local interface failed in a way that will not recover.
     #[error("local interface failed")]
     Interface(#[source] io::Error),
@@ -167,6 +155,8 @@ pub enum DatapathError {
 pub struct Datapath<T: FrameIo> {
     region: Region,
     claim: Claim,
+    /// Our own peer entry, checked and repaired every heartbeat.
+    own: OwnSlot,
     /// The local interface.
     pub tap: T,
     producers: Vec<Option<Producer>>,
@@ -221,6 +211,8 @@ pub struct Datapath<T: FrameIo> {
     rx_cursor: usize,
     /// Pull-style receive: frames taken from each ring since its tail was last published.
     rx_taken: Vec<u32>,
+    /// Peers that waited for a doorbell we could not ring (cleared when one rings).
+    unringable: Vec<bool>,
 }
 
 impl<T: FrameIo> Datapath<T> {
@@ -237,17 +229,15 @@ impl<T: FrameIo> Datapath<T> {
         let me = claim.id;
         let n = region.geometry().max_peers;
         let offloads = tap.offloads();
-        let slot = region.peer(me);
-        slot.set_state(PeerState::Joining, claim.incarnation);
-        let accepts = offloads.unwrap_or_default();
-        slot.set_info(mac, opts.mtu, accepts.bits(), kind, std::process::id());
-        slot.beat(crate::sys::wall_ms());
+        let features = offloads.unwrap_or_default().bits();
+        let identity = link::Identity { mac, mtu: opts.mtu, features, kind };
+        let own = OwnSlot::take(&region, claim, identity, opts.link_timeout, Instant::now());
         let producers = (0..n)
             .map(|d| (d != me).then(|| Producer::new(&region, me, d, claim.epoch())))
             .collect();
         let consumers = (0..n).map(|s| (s != me).then(|| Consumer::new(&region, s, me))).collect();
         // Release (in set_state): the resets above are visible to whoever sees us up.
-        slot.set_state(PeerState::Up, claim.incarnation);
+        own.go_up(&region);
         let max_eth = (opts.mtu + ETH_OVERHEAD) as usize;
         let hdr_room = if offloads.is_some() { VNET_HDR_LEN } else { 0 };
         // With offloads the interface hands over super-frames of up to 64 KiB whatever its MTU.
@@ -260,6 +250,7 @@ impl<T: FrameIo> Datapath<T> {
             links: Links::new(&region, me, opts.link_timeout),
             region,
             claim,
+            own,
             tap,
             producers,
             consumers,
@@ -299,6 +290,7 @@ impl<T: FrameIo> Datapath<T> {
             drop_log: RateLimit::new(),
             rx_cursor: 0,
             rx_taken: vec![0; n as usize],
+            unringable: vec![false; n as usize],
         }
     }
 
@@ -321,6 +313,13 @@ impl<T: FrameIo> Datapath<T> {
     /// (a batch ended on its budget, not on `WouldBlock`), and we are not blocked on a ring.
     pub fn tap_backlog(&self) -> bool {
         self.tap_readable && self.blocked.is_none()
+    }
+
+    /// Whether to poll instead of sleeping on doorbells: a waiting peer could not be rung
+    /// lately, and a peer we cannot ring probably cannot ring us.
+    pub fn polls_for_unringable_peers(&self) -> bool {
+        let links = &self.links;
+        self.unringable.iter().enumerate().any(|(p, &u)| u && links.is_up(p as u32))
     }
 
     /// Whether a frame is held back waiting for ring space.
@@ -904,13 +903,20 @@ impl<T: FrameIo> Datapath<T> {
                 Some(true) if notifier.notify(dst as u32, VECTOR_DATA) => {
                     self.doorbells[DoorbellCounter::Rung as usize] += 1;
                     self.counters_dirty = true;
+                    self.unringable[dst] = false;
                 }
                 Some(false) => {
                     // The consumer is busy: it will find the frames without being interrupted.
                     self.doorbells[DoorbellCounter::Suppressed as usize] += 1;
                     self.counters_dirty = true;
                 }
-                Some(true) | None => {}
+                Some(true) => {
+                    // A waiting consumer we have no doorbell for (it joined through another
+                    // server, or before a restart without the fd store): it likely cannot ring
+                    // us either, so we poll while it is up (see `polls_for_unringable_peers`).
+                    self.unringable[dst] = true;
+                }
+                None => {}
             }
         }
         if self.counters_dirty {
@@ -926,16 +932,18 @@ impl<T: FrameIo> Datapath<T> {
         if now < self.next_beat && !self.beat_due {
             return Ok(self.next_beat);
         }
-        let slot = self.region.peer(self.claim.id);
-        let theirs = slot.incarnation();
-        if theirs != self.claim.incarnation {
-            return Err(DatapathError::Evicted {
-                id: self.claim.id,
-                ours: self.claim.incarnation,
-                theirs,
-            });
+        // Our own slot: heartbeat, or write back what someone overwrote, or rejoin elsewhere.
+        match self.own.check(&self.region, &self.links, now) {
+            SlotCheck::Rejoin(claim) => self.rejoin(claim, now),
+            SlotCheck::Displaced => {
+                self.links.suspend();
+                self.blocked = None;
+                for d in 0..self.held.len() as u32 {
+                    self.release_hold(d);
+                }
+            }
+            SlotCheck::Intact | SlotCheck::Repaired | SlotCheck::Watching => {}
         }
-        slot.beat(crate::sys::wall_ms());
         self.scan_links(now);
         // A read that failed with an error other than WouldBlock left no edge to wait for: try
         // again once per heartbeat.
@@ -956,7 +964,9 @@ impl<T: FrameIo> Datapath<T> {
     /// held for a peer that went down).
     fn scan_links(&mut self, now: Instant) {
         self.last_scan = now;
-        let Datapath { links, region, switch, stalled, blocked, held, slow, peers, .. } = self;
+        let Datapath {
+            links, region, switch, stalled, blocked, held, slow, peers, consumers, ..
+        } = self;
         let segment_mtu = region.geometry().mtu;
         // What the peer's interface takes, read once per incarnation. The values are the
         // peer's own business: a wrong MTU or feature set only costs it frames.
@@ -1003,8 +1013,39 @@ impl<T: FrameIo> Datapath<T> {
                 }
                 held[id as usize] = None;
                 slow[id as usize] = false;
+                // What it queued is not replayed if it comes back.
+                if let Some(c) = consumers[id as usize].as_mut() {
+                    link::discard_ring(region, c, id);
+                }
             }
         });
+    }
+
+    /// Moves this member to slot `claim` (another member holds our old one), keeping the local
+    /// interface and its MAC: fresh rings for the new id, links and switch start over.
+    pub fn rejoin(&mut self, claim: Claim, now: Instant) {
+        let (me, n) = (claim.id, self.region.geometry().max_peers);
+        let identity = self.own.identity();
+        self.own = OwnSlot::take(&self.region, claim, identity, self.opts.link_timeout, now);
+        self.claim = claim;
+        let region = &self.region;
+        self.producers = (0..n)
+            .map(|d| (d != me).then(|| Producer::new(region, me, d, claim.epoch())))
+            .collect();
+        self.consumers = (0..n).map(|s| (s != me).then(|| Consumer::new(region, s, me))).collect();
+        self.own.go_up(region);
+        self.links = Links::new(region, me, self.opts.link_timeout);
+        self.switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
+        self.switch.learn(identity.mac, me, now);
+        self.blocked = None;
+        self.held.iter_mut().for_each(|h| *h = None);
+        self.slow.iter_mut().for_each(|s| *s = false);
+        self.last_dst = None;
+        self.stalled.iter_mut().for_each(|s| *s = false);
+        self.rx_taken.iter_mut().for_each(|t| *t = 0);
+        self.unringable.iter_mut().for_each(|u| *u = false);
+        self.counters_dirty = true;
+        self.beat_due = true;
     }
 
     /// Runs the link checks on the next round instead of at the next heartbeat (a peer rang our
@@ -1031,6 +1072,9 @@ impl<T: FrameIo> Datapath<T> {
                 self.blocked = None;
             }
             self.release_hold(id);
+            if let Some(c) = self.consumers[id as usize].as_mut() {
+                link::discard_ring(&self.region, c, id);
+            }
         }
     }
 

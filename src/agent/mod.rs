@@ -247,7 +247,13 @@ fn event_loop(
                 Some(Duration::ZERO)
             } else {
                 sleeping = true;
-                Some(next_hk.saturating_duration_since(now))
+                let until_hk = next_hk.saturating_duration_since(now);
+                // Peers that cannot ring us are polled for (see the README: server restarts).
+                Some(if dp.polls_for_unringable_peers() {
+                    until_hk.min(cfg.poll_idle)
+                } else {
+                    until_hk
+                })
             }
         } else {
             Some(next_hk.saturating_duration_since(now))

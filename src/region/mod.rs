@@ -84,7 +84,10 @@ pub enum RegionError {
         what: String,
     },
     /// Another process began initialising and never finished.
-    #[error("{name}: initialisation by another process did not finish within {0:?}", .timeout)]
+    #[error(
+        "{name}: the region did not become ready within {timeout:?} (another process keeps \
+         initialising it, or its init word keeps changing)"
+    )]
     InitStalled {
         /// Region name.
         name: String,
@@ -108,6 +111,19 @@ pub enum RegionError {
     Blank {
         /// Region name.
         name: String,
+    },
+    /// The header is blank or damaged, but members are live in the peer table: initialising
+    /// would wipe their table and rings, so this member does not join.
+    #[error(
+        "{name}: the header is blank or damaged, but {live} member(s) are live in the peer \
+         table: refusing to re-initialise the region under them; stop them (or use another \
+         region) and try again"
+    )]
+    LiveMembers {
+        /// Region name.
+        name: String,
+        /// How many live members were found.
+        live: u32,
     },
 }
 
@@ -147,6 +163,19 @@ impl GeometryRequest {
 
 /// How long to wait for another process's initialisation before taking it over.
 const INIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest [`Region::attach`] waits in all, whatever the init word does.
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a heartbeat is watched before a table entry counts as dead, when judging whether a
+/// region with a damaged header still has live members (the default link timeout, plus a
+/// heartbeat period).
+const LIVE_WATCH: Duration = Duration::from_millis(1100);
+
+/// Something outside the memory that can tell whether the region is still the one members
+/// share (the file backend: the region file may be deleted or replaced under running members).
+pub trait BackingCheck: Send + Sync {
+    /// A description of what went wrong, if anything did since the region was mapped.
+    fn problem(&self) -> Option<String>;
+}
 
 /// A region with a validated layout. Cheap to clone.
 #[derive(Clone)]
@@ -154,26 +183,50 @@ pub struct Region {
     raw: RawRegion,
     layout: Layout,
     name: Arc<str>,
+    backing: Option<Arc<dyn BackingCheck>>,
 }
 
 impl Region {
     /// Joins the region in `mem`, initialising it first if it is blank. Safe when several
     /// processes do this at once: one initialises, the others wait for it (DESIGN rule 5).
+    ///
+    /// A damaged init word or magic over a complete header is repaired, not taken for a blank
+    /// region, and a blank-looking header with live members in the peer table is never
+    /// re-initialised. The whole wait is bounded by [`ATTACH_TIMEOUT`].
     pub fn attach(
         mem: Arc<dyn SharedMemory>,
         name: &str,
         req: &GeometryRequest,
     ) -> Result<Region, RegionError> {
+        Self::attach_within(mem, name, req, ATTACH_TIMEOUT)
+    }
+
+    fn attach_within(
+        mem: Arc<dyn SharedMemory>,
+        name: &str,
+        req: &GeometryRequest,
+        limit: Duration,
+    ) -> Result<Region, RegionError> {
         let raw = RawRegion::new(mem);
+        let start = Instant::now();
         let mut waiting_since: Option<(u64, Instant)> = None;
         loop {
-            check_magic(&raw, name)?;
+            let magic = read_magic(&raw, name)?;
             // Acquire: pairs with the release store of READY in `initialise`; the header fields
             // written before it are visible after this load.
             let word = raw.u64_at(hdr::INIT).load(Ordering::Acquire);
+            if word as u32 == init::READY && magic == MAGIC {
+                return Self::validate(raw, name, req);
+            }
+            if magic != 0 || word as u32 == init::READY {
+                // The magic is written last, just before READY, by an initialisation that
+                // completed; a header that carries it (or READY) is finished, and whatever
+                // else is odd about it was overwritten later. Repair, never re-initialise.
+                return Self::recover(raw, name, req, magic, word);
+            }
             match word as u32 {
-                init::READY => return Self::validate(raw, name, req),
                 init::BLANK => {
+                    refuse_if_live(&raw, name)?;
                     let mine = init::INITIALISING as u64 | (nonce() << 32);
                     if raw
                         .u64_at(hdr::INIT)
@@ -187,6 +240,7 @@ impl Region {
                     Some((w, since)) if w == word && since.elapsed() > INIT_TIMEOUT => {
                         // The initialiser died half way. Take over with a fresh nonce; if the
                         // original was only slow it writes the same values.
+                        refuse_if_live(&raw, name)?;
                         log::warn!("{name}: initialisation stalled, taking it over");
                         let mine = init::INITIALISING as u64 | (nonce() << 32);
                         if raw
@@ -207,17 +261,77 @@ impl Region {
                     })
                 }
             }
+            if start.elapsed() >= limit {
+                return Err(RegionError::InitStalled { name: name.into(), timeout: limit });
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A finished header whose magic or init word was overwritten: validate it as it is and, if
+    /// it holds, put the two words back.
+    fn recover(
+        raw: RawRegion,
+        name: &str,
+        req: &GeometryRequest,
+        magic: u64,
+        word: u64,
+    ) -> Result<Region, RegionError> {
+        if magic != MAGIC && word as u32 != init::READY {
+            // Neither word is ours: this memory holds something else.
+            return Err(RegionError::ForeignMagic { name: name.into(), found: magic });
+        }
+        let region = match Self::validate(raw, name, req) {
+            Ok(r) => r,
+            Err(RegionError::CorruptHeader { .. }) if magic != MAGIC && magic != 0 => {
+                return Err(RegionError::ForeignMagic { name: name.into(), found: magic })
+            }
+            Err(e) => return Err(e),
+        };
+        if magic != MAGIC {
+            let _ = region.raw.u64_at(hdr::MAGIC).compare_exchange(
+                magic,
+                MAGIC,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            log::warn!("{name}: the region's magic was overwritten ({magic:#x}); restored it");
+        }
+        if word as u32 != init::READY {
+            let ready = init::READY as u64 | (word & 0xffff_ffff_0000_0000);
+            let _ = region.raw.u64_at(hdr::INIT).compare_exchange(
+                word,
+                ready,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            log::warn!(
+                "{name}: the init word was overwritten ({word:#x}) over a complete header; \
+                 restored it (the peer table and rings were left alone)"
+            );
+        }
+        Ok(region)
     }
 
     /// Opens an initialised region for reading only (for `status`): never writes.
     pub fn open_read_only(mem: Arc<dyn SharedMemory>, name: &str) -> Result<Region, RegionError> {
         let raw = RawRegion::new(mem);
-        check_magic(&raw, name)?;
+        let magic = read_magic(&raw, name)?;
         let word = raw.u64_at(hdr::INIT).load(Ordering::Acquire);
+        let ready = word as u32 == init::READY;
+        if magic != 0 || ready {
+            // A finished header is shown even if its magic or init word was overwritten.
+            if magic != MAGIC && !ready {
+                return Err(RegionError::ForeignMagic { name: name.into(), found: magic });
+            }
+            return Self::validate(raw, name, &GeometryRequest::default()).map_err(|e| match e {
+                RegionError::CorruptHeader { .. } if magic != MAGIC && magic != 0 => {
+                    RegionError::ForeignMagic { name: name.into(), found: magic }
+                }
+                e => e,
+            });
+        }
         match word as u32 {
-            init::READY => Self::validate(raw, name, &GeometryRequest::default()),
             init::BLANK => Err(RegionError::Blank { name: name.into() }),
             _ => Err(RegionError::InitStalled { name: name.into(), timeout: Duration::ZERO }),
         }
@@ -263,13 +377,15 @@ impl Region {
         set64(hdr::GENERATION, generation.wrapping_add(1));
         // Peer table and ring control/descriptors start from zero; data needs no clearing.
         raw.zero(layout.peer_table, layout.rings - layout.peer_table).expect("inside layout");
-        let region = Region { raw, layout, name: name.into() };
+        let region = Region { raw, layout, name: name.into(), backing: None };
         for s in 0..geometry.max_peers {
             for d in (0..geometry.max_peers).filter(|&d| d != s) {
                 region.raw.zero(layout.ring(s, d), layout.ring_data).expect("inside layout");
             }
         }
-        region.raw.u64_at(hdr::MAGIC).store(MAGIC, Ordering::Relaxed);
+        // Release: the magic marks a finished header (see `attach`); pairs with the acquire in
+        // `read_magic`.
+        region.raw.u64_at(hdr::MAGIC).store(MAGIC, Ordering::Release);
         // Release: publishes the header written above; pairs with the acquire in `attach`.
         region
             .raw
@@ -346,7 +462,19 @@ impl Region {
                 return Err(corrupt(format!("{what} is {found}, the geometry implies {expected}")));
             }
         }
-        Ok(Region { raw, layout, name: name.into() })
+        Ok(Region { raw, layout, name: name.into(), backing: None })
+    }
+
+    /// Attaches a check of what backs the memory (see [`BackingCheck`]).
+    pub fn with_backing(mut self, check: Arc<dyn BackingCheck>) -> Region {
+        self.backing = Some(check);
+        self
+    }
+
+    /// What went wrong with the memory's backing since it was mapped, if anything (and if the
+    /// backend can tell).
+    pub fn backing_problem(&self) -> Option<String> {
+        self.backing.as_ref().and_then(|b| b.problem())
     }
 
     /// The raw view (for the ring module and the backends' fd-level I/O).
@@ -387,9 +515,23 @@ impl Region {
         )
     }
 
-    /// The slot the doorbell server paired with doorbell id `id`, if any.
+    /// The slot the doorbell server paired with doorbell id `id`, if any. The field is written
+    /// by the server only, but anyone can overwrite it: if several slots claim the id, a slot
+    /// without a member (free, left) is preferred, since the server pairs a new id with such a
+    /// slot and a member that is up got its id long before.
     pub fn slot_of_doorbell_id(&self, id: u32) -> Option<u32> {
-        (0..self.layout.geometry.max_peers).find(|&s| self.peer(s).doorbell_id() == Some(id))
+        let mut found = None;
+        for s in 0..self.layout.geometry.max_peers {
+            let slot = self.peer(s);
+            if slot.doorbell_id() != Some(id) {
+                continue;
+            }
+            if !matches!(slot.state(), PeerState::Up | PeerState::Joining) {
+                return Some(s);
+            }
+            found.get_or_insert(s);
+        }
+        found
     }
 
     /// The peer-table entry of `id` (`id < max_peers`).
@@ -398,15 +540,63 @@ impl Region {
     }
 }
 
-fn check_magic(raw: &RawRegion, name: &str) -> Result<(), RegionError> {
+/// The magic word (0: blank), after checking the header fits at all.
+fn read_magic(raw: &RawRegion, name: &str) -> Result<u64, RegionError> {
     if raw.len() < layout::HEADER_SIZE {
         return Err(RegionError::TooSmallForHeader { name: name.into(), size: raw.len() });
     }
-    let magic = raw.u64_at(hdr::MAGIC).load(Ordering::Relaxed);
-    if magic != 0 && magic != MAGIC {
-        return Err(RegionError::ForeignMagic { name: name.into(), found: magic });
+    // Acquire: pairs with the release store of the magic at the end of `initialise`.
+    Ok(raw.u64_at(hdr::MAGIC).load(Ordering::Acquire))
+}
+
+/// Refuses to initialise when the peer table (at its fixed place after the header) holds
+/// members that are alive: a live process on this host, or a heartbeat that moves while we
+/// watch it for [`LIVE_WATCH`]. Only entries that say joining or up are considered, so a
+/// blank region is checked at once.
+fn refuse_if_live(raw: &RawRegion, name: &str) -> Result<(), RegionError> {
+    let live = live_members(raw, LIVE_WATCH);
+    if live > 0 {
+        return Err(RegionError::LiveMembers { name: name.into(), live });
     }
     Ok(())
+}
+
+fn live_members(raw: &RawRegion, watch: Duration) -> u32 {
+    let entries = (raw.len().saturating_sub(layout::HEADER_SIZE) / layout::PEER_ENTRY_SIZE)
+        .min(layout::MAX_PEERS_LIMIT as usize);
+    let me = crate::sys::host_token();
+    let mut live = 0;
+    let mut watched = Vec::new();
+    for i in 0..entries {
+        let base = layout::HEADER_SIZE + i * layout::PEER_ENTRY_SIZE;
+        let state =
+            PeerState::from_raw(raw.u32_at(base + peer::STATE).load(Ordering::Acquire) & 0xff);
+        if !matches!(state, PeerState::Up | PeerState::Joining) {
+            continue;
+        }
+        let host = raw.u64_at(base + peer::HOST).load(Ordering::Relaxed);
+        let pid = raw.u32_at(base + peer::PID).load(Ordering::Relaxed);
+        if host != 0 && host == me && pid != 0 {
+            if pid != std::process::id() && crate::sys::process_exists(pid) {
+                live += 1;
+            }
+            continue;
+        }
+        watched.push((base, raw.u64_at(base + peer::HEARTBEAT).load(Ordering::Relaxed)));
+    }
+    if watched.is_empty() {
+        return live;
+    }
+    let deadline = Instant::now() + watch;
+    while Instant::now() < deadline && !watched.is_empty() {
+        std::thread::sleep(Duration::from_millis(10));
+        watched.retain(|&(base, hb)| {
+            let moved = raw.u64_at(base + peer::HEARTBEAT).load(Ordering::Relaxed) != hb;
+            live += u32::from(moved);
+            !moved
+        });
+    }
+    live
 }
 
 /// A 32-bit value that differs between processes and attempts (for the init word).
@@ -430,7 +620,8 @@ pub struct PeerSlot<'r> {
 /// Everything `status` shows of one peer entry, read at one moment.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct PeerSnapshot {
-    /// Slot state.
+    /// Slot state as its owner wrote it (`status` judges liveness separately).
+    #[serde(rename = "slot_state")]
     pub state: PeerState,
     /// Member kind.
     pub kind: PeerKind,
@@ -477,6 +668,18 @@ impl<'r> PeerSlot<'r> {
             .map(|_| next)
     }
 
+    /// Writes our incarnation back over a value someone else stored (owner only, when it has
+    /// established that nobody else holds the slot).
+    pub fn restore_incarnation(&self, incarnation: u64) {
+        self.u64f(peer::INCARNATION).store(incarnation, Ordering::Release);
+    }
+
+    /// The raw state word: state in the low 8 bits, the low 24 bits of the incarnation it was
+    /// written under above them.
+    pub fn state_word(&self) -> u32 {
+        self.u32f(peer::STATE).load(Ordering::Acquire)
+    }
+
     /// Slot state.
     pub fn state(&self) -> PeerState {
         PeerState::from_raw(self.u32f(peer::STATE).load(Ordering::Acquire) & 0xff)
@@ -512,22 +715,54 @@ impl<'r> PeerSlot<'r> {
         self.u64f(peer::HEARTBEAT_MS).store(now_ms, Ordering::Relaxed);
     }
 
-    /// MAC address.
-    pub fn mac(&self) -> [u8; 6] {
-        let v = self.u64f(peer::MAC).load(Ordering::Relaxed).to_le_bytes();
-        [v[0], v[1], v[2], v[3], v[4], v[5]]
+    /// Sets the heartbeat to the owner's own counter (owner only): an owner that keeps the
+    /// count itself can tell when someone else moved it.
+    pub fn set_heartbeat(&self, value: u64, now_ms: u64) {
+        self.u64f(peer::HEARTBEAT).store(value, Ordering::Relaxed);
+        self.u64f(peer::HEARTBEAT_MS).store(now_ms, Ordering::Relaxed);
     }
 
-    /// Writes the owner's identity (owner only, before it goes up).
-    pub fn set_info(&self, mac: [u8; 6], mtu: u32, features: u32, kind: PeerKind, pid: u32) {
+    /// Wall-clock ms of the last heartbeat, as the owner wrote it.
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.u64f(peer::HEARTBEAT_MS).load(Ordering::Relaxed)
+    }
+
+    /// MTU, features and kind as the owner wrote them.
+    pub fn params(&self) -> (u32, u32, u32) {
+        (
+            self.u32f(peer::MTU).load(Ordering::Relaxed),
+            self.u32f(peer::FEATURES).load(Ordering::Relaxed),
+            self.u32f(peer::KIND).load(Ordering::Relaxed),
+        )
+    }
+
+    /// Marks the owner (pid and this host's token) right after a claim, so that the slot names
+    /// its new owner before anything else is written (owner only).
+    pub fn set_owner(&self, pid: u32) {
+        self.u32f(peer::PID).store(pid, Ordering::Relaxed);
+        self.u64f(peer::HOST).store(crate::sys::host_token(), Ordering::Relaxed);
+    }
+
+    /// Writes the owner's identity without touching its counters (owner only: a repair).
+    pub fn set_identity(&self, mac: [u8; 6], mtu: u32, features: u32, kind: PeerKind, pid: u32) {
         let mut m = [0u8; 8];
         m[..6].copy_from_slice(&mac);
         self.u64f(peer::MAC).store(u64::from_le_bytes(m), Ordering::Relaxed);
         self.u32f(peer::MTU).store(mtu, Ordering::Relaxed);
         self.u32f(peer::FEATURES).store(features, Ordering::Relaxed);
         self.u32f(peer::KIND).store(kind as u32, Ordering::Relaxed);
-        self.u32f(peer::PID).store(pid, Ordering::Relaxed);
-        self.u64f(peer::HOST).store(crate::sys::host_token(), Ordering::Relaxed);
+        self.set_owner(pid);
+    }
+
+    /// MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        let v = self.u64f(peer::MAC).load(Ordering::Relaxed).to_le_bytes();
+        [v[0], v[1], v[2], v[3], v[4], v[5]]
+    }
+
+    /// Writes the owner's identity and clears its counters (owner only, before it goes up).
+    pub fn set_info(&self, mac: [u8; 6], mtu: u32, features: u32, kind: PeerKind, pid: u32) {
+        self.set_identity(mac, mtu, features, kind, pid);
         for i in 0..layout::PEER_COUNTERS {
             self.u64f(peer::COUNTERS + i * 8).store(0, Ordering::Relaxed);
         }
@@ -687,5 +922,105 @@ mod tests {
         let seen = slot.incarnation();
         assert_eq!(slot.try_claim(seen), Some(seen + 1));
         assert_eq!(slot.try_claim(seen), None);
+    }
+
+    /// A member that is up, as far as the table shows (pid: a live process on this host).
+    fn put_member(r: &Region, id: u32, pid: u32) {
+        let slot = r.peer(id);
+        let inc = slot.try_claim(slot.incarnation()).unwrap();
+        slot.set_info([2, 0, 0, 0, 0, id as u8], 1500, 0, PeerKind::Agent, pid);
+        slot.beat(1);
+        slot.set_state(PeerState::Up, inc);
+    }
+
+    #[test]
+    fn test_init_word_set_back_to_blank_is_restored_not_reinitialised() {
+        for scribble in [init::BLANK as u64, init::INITIALISING as u64 | (77 << 32), 9] {
+            let mem = heap(32 << 20);
+            let r = Region::attach(mem.clone(), "b", &GeometryRequest::default()).unwrap();
+            put_member(&r, 2, std::process::id());
+            r.raw().u64_at(hdr::INIT).store(scribble, Ordering::Relaxed);
+            let again = Region::attach(mem.clone(), "b", &GeometryRequest::default()).unwrap();
+            assert_eq!(again.generation(), 1, "re-initialised after init word {scribble:#x}");
+            assert_eq!(again.peer(2).state(), PeerState::Up, "the peer table was zeroed");
+            let word = r.raw().u64_at(hdr::INIT).load(Ordering::Relaxed);
+            assert_eq!(word as u32, init::READY, "init word not restored");
+        }
+    }
+
+    #[test]
+    fn test_overwritten_magic_over_a_ready_header_is_restored() {
+        for scribble in [0, 0x1234_5678] {
+            let mem = heap(32 << 20);
+            let r = Region::attach(mem.clone(), "m", &GeometryRequest::default()).unwrap();
+            r.raw().u64_at(hdr::MAGIC).store(scribble, Ordering::Relaxed);
+            let again = Region::attach(mem.clone(), "m", &GeometryRequest::default()).unwrap();
+            assert_eq!(again.generation(), 1);
+            assert_eq!(r.raw().u64_at(hdr::MAGIC).load(Ordering::Relaxed), MAGIC);
+        }
+    }
+
+    #[test]
+    fn test_blank_header_over_live_members_is_not_initialised() {
+        let mem = heap(32 << 20);
+        let r = Region::attach(mem.clone(), "l", &GeometryRequest::default()).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        put_member(&r, 1, child.id());
+        // Both words that mark a finished header are gone.
+        r.raw().u64_at(hdr::MAGIC).store(0, Ordering::Relaxed);
+        r.raw().u64_at(hdr::INIT).store(0, Ordering::Relaxed);
+        let e = Region::attach(mem.clone(), "l", &GeometryRequest::default()).err();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            matches!(e, Some(RegionError::LiveMembers { live: 1, .. })),
+            "{:?}",
+            e.map(|e| e.to_string())
+        );
+        assert_eq!(r.peer(1).state(), PeerState::Up, "the table was zeroed");
+        // Once the member is gone, the blank region may be initialised again.
+        let again = Region::attach(mem, "l", &GeometryRequest::default()).unwrap();
+        assert_eq!(again.generation(), 2);
+    }
+
+    #[test]
+    fn test_attach_gives_up_when_the_init_nonce_keeps_changing() {
+        let mem = heap(32 << 20);
+        let raw = RawRegion::new(mem.clone());
+        // Someone is initialising before we look (else a slow-starting flipper would let the
+        // attach find a blank region and initialise it).
+        raw.u64_at(hdr::INIT).store(init::INITIALISING as u64, Ordering::Relaxed);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let flipper = std::thread::spawn(move || {
+            let mut n = 1u64;
+            while !s2.load(Ordering::Relaxed) {
+                raw.u64_at(hdr::INIT)
+                    .store(init::INITIALISING as u64 | (n << 32), Ordering::Relaxed);
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let start = Instant::now();
+        let limit = Duration::from_millis(300);
+        let e = Region::attach_within(mem, "n", &GeometryRequest::default(), limit).err();
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(matches!(e, Some(RegionError::InitStalled { .. })));
+        // Bounded: well under the stall takeover's own 2 s, which the changing nonce defeats.
+        assert!(start.elapsed() < INIT_TIMEOUT, "waited {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn test_doorbell_id_written_into_a_live_slot_does_not_hide_the_real_one() {
+        let r = Region::attach(heap(32 << 20), "d", &GeometryRequest::default()).unwrap();
+        put_member(&r, 0, std::process::id());
+        r.peer(0).set_doorbell_id(Some(3));
+        r.peer(4).set_doorbell_id(Some(7));
+        assert_eq!(r.slot_of_doorbell_id(7), Some(4));
+        // A scribbler writes 7 into the live slot 0: the free slot 4 is still found.
+        r.peer(0).set_doorbell_id(Some(7));
+        assert_eq!(r.slot_of_doorbell_id(7), Some(4));
+        assert_eq!(r.slot_of_doorbell_id(3), None);
     }
 }

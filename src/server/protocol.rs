@@ -103,6 +103,11 @@ impl MessageQueue {
         self.queue.push_back(Outgoing { bytes: value.to_le_bytes(), fd, sent: 0 });
     }
 
+    /// Moves every message of `other` to the end of this queue.
+    pub fn append(&mut self, other: &mut MessageQueue) {
+        self.queue.append(&mut other.queue);
+    }
+
     /// Messages not yet fully sent.
     pub fn len(&self) -> usize {
         self.queue.len()

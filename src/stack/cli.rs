@@ -206,6 +206,10 @@ impl StackArgs {
             StackBackend::Server { socket } => StackConfig::server(socket),
         };
         cfg.geometry = self.region.geometry();
+        cfg.create_mode = self
+            .region
+            .create_mode(None, None)
+            .map_err(|e| invalid("--mode/--group", e.to_string()))?;
         cfg.peer_id = self.peer_id;
         cfg.addresses = self.ip.clone();
         cfg.gateways = self.gateway.clone();

@@ -122,6 +122,8 @@ pub struct StackConfig {
     /// Catch SIGINT, SIGTERM and SIGHUP (blocked for the calling thread) and report them through
     /// [`Stack::signal`], so a tool can leave the segment cleanly.
     pub handle_signals: bool,
+    /// Mode and group of a region file this peer creates (`file` backend).
+    pub create_mode: crate::backend::file::CreateMode,
 }
 
 /// Default receive and send buffer per TCP socket.
@@ -144,6 +146,7 @@ impl StackConfig {
             pin_macs: false,
             tcp_buffer: DEFAULT_TCP_BUFFER,
             handle_signals: false,
+            create_mode: crate::backend::file::CreateMode::default(),
         }
     }
 
@@ -415,8 +418,18 @@ impl Stack {
         check_addresses(cfg)?;
         match &cfg.backend {
             StackBackend::File { path, size } => {
-                let region = crate::backend::file::attach(path, *size, &cfg.geometry)?;
-                Stack::from_region(region, cfg, None, None, signals)
+                let attached = crate::backend::file::attach_with(
+                    path,
+                    *size,
+                    &cfg.geometry,
+                    &cfg.create_mode,
+                )?;
+                let stack = Stack::from_region(attached.region.clone(), cfg, None, None, signals);
+                if stack.is_err() {
+                    // A failed start leaves no file it created behind.
+                    attached.discard_if_unused();
+                }
+                stack
             }
             StackBackend::Server { socket } => {
                 let (slot, region, wakeups) = ServerSession::join(socket, &cfg.geometry, cfg.spin)?;
@@ -690,8 +703,13 @@ impl Stack {
         let now = Instant::now();
         let ts = self.timestamp(now);
         let blocked = self.device.datapath().is_blocked();
+        let unringable = self.device.datapath().polls_for_unringable_peers();
         let w = &mut self.waiter;
         let mut timeout = w.next_housekeeping.saturating_duration_since(now);
+        if unringable {
+            // A peer we could not ring (joined through another server) cannot ring us: poll.
+            timeout = timeout.min(w.poll_idle);
+        }
         if let Some(l) = limit {
             timeout = timeout.min(l);
         }

@@ -1,9 +1,13 @@
 //! Thin, checked wrappers over the Linux system calls ivnet needs beyond std: interface
-//! configuration ioctls, timerfd, eventfd, signalfd and descriptor passing. Each call's result is checked and turned
-//! into an `io::Error`; nothing here keeps state.
+//! configuration ioctls, timerfd, eventfd, signalfd, descriptor passing, the service manager's
+//! notification socket and fd store ([`notify`]), and recovery from memory faults in shared
+//! mappings ([`sigbus`]). Each call's result is checked and turned into an `io::Error`; nothing
+//! here keeps state except the SIGBUS handler's table of guarded mappings.
 #![allow(unsafe_code)]
 
 pub mod fdpass;
+pub mod notify;
+pub mod sigbus;
 pub mod tun;
 pub mod vfio;
 
@@ -247,6 +251,23 @@ pub fn flock(fd: RawFd, op: libc::c_int) -> io::Result<()> {
 
 /// The process id of the peer of a connected UNIX socket (SO_PEERCRED).
 pub fn peer_pid(sock: RawFd) -> Option<u32> {
+    peer_cred(sock).and_then(|c| (c.pid > 0).then_some(c.pid))
+}
+
+/// Who is at the other end of a connected UNIX socket (SO_PEERCRED: the credentials it had
+/// when it connected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id (0 if unknown, e.g. in another pid namespace).
+    pub pid: u32,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+/// The credentials of the peer of a connected UNIX socket.
+pub fn peer_cred(sock: RawFd) -> Option<PeerCred> {
     // SAFETY: ucred is plain data; zeroed is valid.
     let mut cred: libc::ucred = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -260,7 +281,96 @@ pub fn peer_pid(sock: RawFd) -> Option<u32> {
             &mut len,
         )
     };
-    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    (r == 0).then(|| PeerCred { pid: cred.pid.max(0) as u32, uid: cred.uid, gid: cred.gid })
+}
+
+/// Bytes written to the stream socket `sock` that its peer has not read yet (SIOCOUTQ; for a
+/// UNIX socket this includes what sits unread in the peer's receive queue).
+pub fn unread_output(sock: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int into `n`, which lives across the call.
+    cvt(unsafe { libc::ioctl(sock, libc::TIOCOUTQ as _, &mut n as *mut libc::c_int) })?;
+    Ok(n.max(0) as usize)
+}
+
+/// Shuts both directions of a socket down, so that its peer sees the end of the connection even
+/// while another process (the service manager's fd store) holds a duplicate of it.
+pub fn shutdown(sock: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown(2) on a descriptor the caller keeps open; no pointers.
+    cvt(unsafe { libc::shutdown(sock, libc::SHUT_RDWR) }).map(|_| ())
+}
+
+/// Allocates the first `len` bytes of the file `fd` (fallocate mode 0): afterwards writes
+/// through a shared mapping cannot fail for lack of space (tmpfs, hugetlbfs, ext4 ...).
+/// `EOPNOTSUPP` means the filesystem cannot do it.
+pub fn fallocate(fd: RawFd, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+    loop {
+        // SAFETY: fallocate(2) on a descriptor the caller keeps open; no pointers.
+        let r = unsafe { libc::fallocate(fd, 0, 0, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `fd` (statfs f_bavail).
+pub fn free_space(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: statfs is plain data; fstatfs fills it.
+    let mut st: libc::statfs = unsafe { mem::zeroed() };
+    // SAFETY: `st` is a valid, writable statfs for the duration of the call.
+    cvt(unsafe { libc::fstatfs(fd, &mut st) })?;
+    Ok((st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
+}
+
+/// The soft limit on open descriptors (RLIMIT_NOFILE), if there is one.
+pub fn nofile_limit() -> Option<u64> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: `rl` is valid and writable for the duration of the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) }).ok()?;
+    (rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur)
+}
+
+/// Whether `fd` is a socket that listens for connections (SO_ACCEPTCONN).
+pub fn is_listening_socket(fd: RawFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && v != 0
+}
+
+/// Sets the process's file mode creation mask; returns the previous one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask(2) cannot fail and takes no pointers.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+/// The group id of group `name` (from the system's group database), if it exists.
+pub fn group_id(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: `grp` is plain data; getgrnam_r fills it and points its strings into `buf`, which
+    // outlives every use (only gr_gid, a plain integer, is read).
+    let mut grp: libc::group = unsafe { mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: all pointers refer to live buffers of the sizes given.
+    let r =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    (r == 0 && !result.is_null()).then_some(grp.gr_gid)
 }
 
 /// Sets O_NONBLOCK on `fd`.
@@ -364,24 +474,7 @@ pub fn wall_ms() -> u64 {
 
 /// Tells systemd (Type=notify) that start-up finished, if `NOTIFY_SOCKET` is set.
 pub fn sd_notify_ready(status: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let msg = format!("READY=1\nSTATUS={status}\n");
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("sd_notify: cannot create socket: {e}");
-            return;
-        }
-    };
-    let bytes = path.as_encoded_bytes();
-    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
-    } else {
-        sock.send_to(msg.as_bytes(), &path)
-    };
-    if let Err(e) = res {
-        log::warn!("sd_notify to {path:?} failed: {e}");
+    if let Err(e) = notify::notify(&format!("READY=1\nSTATUS={status}\n"), &[]) {
+        log::warn!("sd_notify failed: {e}");
     }
 }

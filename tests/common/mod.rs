@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod fdstore;
 pub mod server;
 pub mod vm;
 

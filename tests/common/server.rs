@@ -365,7 +365,8 @@ impl RawClient {
         }
     }
 
-    fn read_setup_after_version(&mut self, vectors: usize) -> Setup {
+    /// The rest of a setup after the protocol version (which the caller received itself).
+    pub fn read_setup_after_version(&mut self, vectors: usize) -> Setup {
         let m = self.expect_msg("our id (step 2)");
         assert!(m.fd.is_none(), "our id came with a descriptor");
         assert!((0..=65535).contains(&m.value), "id {} out of range", m.value);
@@ -500,11 +501,24 @@ pub fn start_socket_agent(
     extra: &[&str],
     logs: &TempDir,
 ) -> Agent {
+    start_socket_agent_at(ns, &server.socket, &server.shm.path, cidr, extra, logs)
+}
+
+/// Like [`start_socket_agent`], for a server on `socket` serving the region file `shm` (a server
+/// the test runs itself, e.g. to kill and restart it).
+pub fn start_socket_agent_at(
+    ns: &Netns,
+    socket: &Path,
+    shm: &Path,
+    cidr: &str,
+    extra: &[&str],
+    logs: &TempDir,
+) -> Agent {
+    let socket_arg = socket.to_str().expect("UTF-8 path");
     let n = next_id();
     let log_path = logs.join(&format!("agent-{}-sock-{}.log", ns.name, n));
     let log = File::create(&log_path).expect("creating agent log");
-    let mut argv: Vec<&str> =
-        vec![IVNET, "-v", "agent", "--socket", server.socket_arg(), "--address", cidr];
+    let mut argv: Vec<&str> = vec![IVNET, "-v", "agent", "--socket", socket_arg, "--address", cidr];
     argv.extend_from_slice(extra);
     let child = ns
         .command(&argv)
@@ -518,9 +532,9 @@ pub fn start_socket_agent(
         child: Some(child),
         peer_id: u32::MAX,
         ns: ns.name.clone(),
-        shm: server.shm.path.clone(),
+        shm: shm.to_path_buf(),
         log_path,
-        label: format!("agent via {} in {} ({argv:?})", server.socket.display(), ns.name),
+        label: format!("agent via {} in {} ({argv:?})", socket.display(), ns.name),
     };
     let start = Instant::now();
     loop {
