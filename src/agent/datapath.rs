@@ -13,7 +13,10 @@ use super::link::{self, Claim, LinkEvent, Links, OwnSlot, SlotCheck};
 use super::switch::{Forward, Switch};
 use super::tap::FrameIo;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA, VECTOR_LINK};
-use crate::offload::{Features, GsoError, Segmenter, VnetHdr, VNET_HDR_LEN};
+use crate::offload::vnet::VIRTIO_NET_HDR_F_NEEDS_CSUM;
+use crate::offload::{
+    complete_checksum, Features, Gso, GsoError, Segmenter, VnetHdr, VNET_HDR_LEN,
+};
 use crate::region::layout::{
     DoorbellCounter, PeerCounter, DOORBELL_COUNTERS, ETH_OVERHEAD, PEER_COUNTERS, SUPER_FRAME_MAX,
 };
@@ -229,7 +232,12 @@ impl<T: FrameIo> Datapath<T> {
         let me = claim.id;
         let n = region.geometry().max_peers;
         let offloads = tap.offloads();
-        let features = offloads.unwrap_or_default().bits();
+        // What others may send us as it is: TCP super-frames with complete checksums. (USO
+        // super-frames must reach a TAP with a partial checksum, so none travel: see
+        // `complete_checksum`.)
+        let features = offloads.map_or(0, |f| {
+            f.intersection(Features::from_bits_truncate(!Features::USO.bits())).bits()
+        });
         let identity = link::Identity { mac, mtu: opts.mtu, features, kind };
         let own = OwnSlot::take(&region, claim, identity, opts.link_timeout, Instant::now());
         let producers = (0..n)
@@ -374,7 +382,7 @@ impl<T: FrameIo> Datapath<T> {
             }
             return pushed(prod.push(&[], frame));
         }
-        if peer.accepts.accepts(hdr) {
+        if !hdr.needs_csum() && peer.accepts.accepts(hdr) {
             return match hdr.largest_segment_len(frame) {
                 Some(l) if l <= peer.max_eth => pushed(prod.push(&hdr.encode(), frame)),
                 Some(_) => Err(SendError::Mtu),
@@ -467,24 +475,60 @@ impl<T: FrameIo> Datapath<T> {
                 let prod = self.producers[peer as usize].as_ref().expect("producer");
                 prod.copy_reserved(&ranges, 0, &mut self.buf[..n]);
             }
+            let len = n.saturating_sub(self.hdr_room);
             let hdr = if self.hdr_room > 0 {
                 let mut h = [0u8; VNET_HDR_LEN];
                 h.copy_from_slice(&self.buf[..VNET_HDR_LEN]);
-                VnetHdr::decode(&h)
+                self.complete_checksum(VnetHdr::decode(&h), len)
             } else {
                 VnetHdr::default()
             };
-            if self.forward_local(n.saturating_sub(self.hdr_room), hdr, now) {
+            if self.forward_local(len, hdr, now) {
                 break; // blocked on a full ring: leave the rest in the TAP queue
             }
         }
         handled
     }
 
+    /// Completes the TCP/UDP checksum of the frame in the transmit buffer while it is still
+    /// private, so that nothing crosses shared memory with a partial checksum: the receiving
+    /// kernel verifies every checksum after copying the frame out of the ring, and a frame
+    /// that a broken or hostile member scribbled on is dropped there (TCP resends it) instead of
+    /// delivered. A TCP super-frame keeps its GSO header with one checksum over all of it
+    /// (the kernel's partial value already sums the pseudo-header with its full length); a
+    /// plain frame becomes complete. A UDP super-frame (USO) cannot go to a TAP without a
+    /// partial checksum, so it keeps it and is cut into datagrams for every peer. Returns the
+    /// header that now describes the frame.
+    fn complete_checksum(&mut self, hdr: VnetHdr, len: usize) -> VnetHdr {
+        if !hdr.needs_csum() || matches!(hdr.gso(), Ok(Gso::Udp)) {
+            return hdr;
+        }
+        let room = self.hdr_room;
+        let frame = &mut self.buf[room..room + len];
+        // Summed like a frame without GSO: from csum_start to the end of the IP packet.
+        let whole = VnetHdr { gso_type: VnetHdr::PLAIN.gso_type, ..hdr };
+        match complete_checksum(frame, &whole) {
+            Ok((at, sum)) => {
+                frame[at..at + 2].copy_from_slice(&sum);
+                VnetHdr { flags: hdr.flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM, ..hdr }
+            }
+            // Not something we can complete: forward_local refuses it (partial checksums do
+            // not cross the ring).
+            Err(_) => hdr,
+        }
+    }
+
     /// Where to read the next local frame: space reserved in the ring of the last unicast
     /// destination, if it is up, takes everything our interface produces, and has room for the
     /// largest frame (as large as the transmit buffer, so truncation is detected the same way).
     fn speculate(&mut self) -> Option<(u32, [(usize, usize); 2])> {
+        // Only for an interface without offloads: its frames come with checksums the kernel
+        // completed before they reached the ring. Offloaded frames get theirs completed in the
+        // private transmit buffer (see `complete_checksum`), never in shared memory, where a
+        // scribble between the read and the sum would go unnoticed.
+        if self.offloads.is_some() {
+            return None;
+        }
         let peer = self.last_dst?;
         if !self.links.is_up(peer)
             || self.held[peer as usize].is_some()
@@ -683,7 +727,10 @@ impl<T: FrameIo> Datapath<T> {
                 self.drop_local(PeerCounter::DropOversize, len, now);
                 return false;
             }
-        } else if self.offloads.is_none_or(|f| !f.accepts(&hdr)) || hdr.validate(frame).is_err() {
+        } else if self.offloads.is_none_or(|f| !f.accepts(&hdr))
+            || hdr.validate(frame).is_err()
+            || (hdr.needs_csum() && !matches!(hdr.gso(), Ok(Gso::Udp)))
+        {
             // Our interface never produces such a header: refuse it rather than guess.
             self.drop_local(PeerCounter::DropOffload, len, now);
             return false;
@@ -796,7 +843,12 @@ impl<T: FrameIo> Datapath<T> {
             // A header that asks for nothing is passed on as zeros.
             vnet = [0u8; VNET_HDR_LEN];
         } else {
-            if offloads.is_none_or(|f| !f.accepts(&hdr)) || hdr.validate_len(info.len).is_err() {
+            // A partial checksum would make our kernel take the frame unverified: refused, so
+            // that what a member scribbles over in the region is always caught.
+            if hdr.needs_csum()
+                || offloads.is_none_or(|f| !f.accepts(&hdr))
+                || hdr.validate_len(info.len).is_err()
+            {
                 return Err(RxDrop::Offload);
             }
             match hdr.largest_segment_len_of(&head[..seen], info.len) {

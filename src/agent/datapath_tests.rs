@@ -8,7 +8,7 @@ use super::link::{claim, Claim};
 use super::tap::FakeTap;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA};
 use crate::mac::Mac;
-use crate::offload::{Features, VnetHdr, VNET_HDR_LEN};
+use crate::offload::{Features, Gso, VnetHdr, VNET_HDR_LEN};
 use crate::region::layout::Geometry;
 use crate::region::layout::PeerCounter;
 use crate::region::ring::{Producer, RingSnapshot};
@@ -248,6 +248,46 @@ fn l4_payload(frame: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Checks that `frame` (complete, possibly a TCP super-frame) has correct IP and TCP/UDP
+/// checksums, computed by etherparse.
+fn assert_checksums_complete(frame: &[u8], what: &str) {
+    let p = etherparse::SlicedPacket::from_ethernet(frame).expect("a parsable frame");
+    let (tcp, udp) = match &p.transport {
+        Some(etherparse::TransportSlice::Tcp(t)) => (Some(t.clone()), None),
+        Some(etherparse::TransportSlice::Udp(u)) => (None, Some(u.clone())),
+        other => panic!("{what}: not TCP or UDP: {other:?}"),
+    };
+    let ok = match &p.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => {
+            let h = ip.header().to_header();
+            assert_eq!(h.calc_header_checksum(), h.header_checksum, "{what}: IPv4 header");
+            match (tcp, udp) {
+                (Some(t), _) => {
+                    t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap() == t.checksum()
+                }
+                (_, Some(u)) => {
+                    u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap() == u.checksum()
+                }
+                _ => unreachable!(),
+            }
+        }
+        Some(etherparse::NetSlice::Ipv6(ip)) => {
+            let h = ip.header().to_header();
+            match (tcp, udp) {
+                (Some(t), _) => {
+                    t.to_header().calc_checksum_ipv6(&h, t.payload()).unwrap() == t.checksum()
+                }
+                (_, Some(u)) => {
+                    u.to_header().calc_checksum_ipv6(&h, u.payload()).unwrap() == u.checksum()
+                }
+                _ => unreachable!(),
+            }
+        }
+        other => panic!("{what}: not IP: {other:?}"),
+    };
+    assert!(ok, "{what}: TCP/UDP checksum does not verify");
+}
+
 #[test]
 fn test_super_frames_go_as_they_are_to_offload_peers_and_segmented_to_others() {
     let r = region(3, 256);
@@ -266,17 +306,32 @@ fn test_super_frames_go_as_they_are_to_offload_peers_and_segmented_to_others() {
         b.tap.outbound.clear();
         c.tap.outbound.clear();
         round(&mut [&mut a, &mut b, &mut c]);
-        // B takes offloads: one frame, header and bytes unchanged.
-        assert_eq!(b.tap.outbound.len(), 1, "{name}");
-        let got = &b.tap.outbound[0];
-        assert_eq!(VnetHdr::decode(got[..VNET_HDR_LEN].try_into().unwrap()), hdr, "{name}");
-        assert_eq!(&got[VNET_HDR_LEN..], &to_b[..], "{name}");
-        // C takes none: complete frames of at most its MTU whose payloads add up to the
+        let tcp_gso = matches!(hdr.gso(), Ok(Gso::Tcp4 { .. } | Gso::Tcp6 { .. }));
+        if tcp_gso {
+            // B takes TCP super-frames: one frame, the same GSO header but a complete checksum
+            // (nothing crosses shared memory with a partial one), bytes otherwise unchanged.
+            assert_eq!(b.tap.outbound.len(), 1, "{name}");
+            let got = &b.tap.outbound[0];
+            let h = VnetHdr::decode(got[..VNET_HDR_LEN].try_into().unwrap());
+            assert_eq!((h.gso_type, h.gso_size), (hdr.gso_type, hdr.gso_size), "{name}");
+            assert!(!h.needs_csum(), "{name}: a partial checksum crossed the ring");
+            let frame = &got[VNET_HDR_LEN..];
+            assert_eq!(l4_payload(frame), l4_payload(&to_b), "{name}");
+            assert_checksums_complete(frame, name);
+        } else {
+            // USO and partial-checksum frames reach B complete, like C.
+            for f in &b.tap.outbound {
+                assert_eq!(&f[..VNET_HDR_LEN], &[0; VNET_HDR_LEN], "{name}: a header for B");
+                assert_checksums_complete(&f[VNET_HDR_LEN..], name);
+            }
+        }
+        // C takes no offloads: complete frames of at most its MTU whose payloads add up to the
         // super-frame's.
         assert!(!c.tap.outbound.is_empty(), "{name}");
         let mut payload = Vec::new();
         for f in &c.tap.outbound {
             assert!(f.len() <= 1514, "{name}: a {}-byte frame reached an MTU 1500 peer", f.len());
+            assert_checksums_complete(f, name);
             payload.extend_from_slice(&l4_payload(f));
         }
         assert_eq!(payload, l4_payload(&to_c), "{name}: payload differs after segmentation");
@@ -285,6 +340,27 @@ fn test_super_frames_go_as_they_are_to_offload_peers_and_segmented_to_others() {
         let s = RingSnapshot::read(&r, 0, dst);
         assert_eq!((s.tx_drop_mtu, s.rx_drop_size, s.rx_drop_offload), (0, 0, 0), "ring 0->{dst}");
     }
+}
+
+#[test]
+fn test_a_partial_checksum_from_a_peer_is_refused() {
+    let r = region(2, 256);
+    let all = Some(Features::ALL);
+    let (mut a, mut b) = (member_with(&r, 0, all, 1500), member_with(&r, 1, all, 1500));
+    round(&mut [&mut a, &mut b]);
+    // A sender that puts frames with NEEDS_CSUM on the ring (ivnet does not): B's kernel would
+    // take them unverified, so B refuses them.
+    let mut evil = Producer::new(&r, 0, 1, a.claim().epoch());
+    for name in ["tcp4_gso", "tcp4_csum"] {
+        let (hdr, f) = captured(name, mac(1), mac(0));
+        assert!(hdr.needs_csum());
+        evil.push(&hdr.encode(), &f).unwrap();
+    }
+    evil.publish();
+    b.rx(Instant::now(), &mut NoDoorbells);
+    b.publish(&mut NoDoorbells);
+    assert!(b.tap.outbound.is_empty());
+    assert_eq!(RingSnapshot::read(&r, 0, 1).rx_drop_offload, 2);
 }
 
 #[test]

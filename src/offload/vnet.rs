@@ -321,7 +321,9 @@ impl VnetHdr {
         let l4 = usize::from(self.csum_start);
         let l4_hlen = match self.gso().ok()? {
             Gso::None => return Some(frame_len),
-            _ if !self.needs_csum() => return None,
+            // Without NEEDS_CSUM the kernel finds the headers itself; a sender that completed the
+            // checksum keeps csum_start (ivnet does), else the headers cannot be told here.
+            _ if !self.needs_csum() && self.csum_start == 0 => return None,
             Gso::Tcp4 { .. } | Gso::Tcp6 { .. } => {
                 let doff = usize::from(*head.get(l4 + 12)? >> 4) * 4;
                 if doff < TCP_MIN_HLEN {
@@ -667,7 +669,16 @@ mod tests {
         assert_eq!(VnetHdr::PLAIN.largest_segment_len(&frame), Some(3000));
         let uso = VnetHdr { gso_type: 5, csum_offset: 6, ..tso(5, 1200) };
         assert_eq!(uso.largest_segment_len(&frame), Some(34 + 8 + 1200));
-        assert_eq!(VnetHdr { flags: 0, ..tso(1, 1448) }.largest_segment_len(&frame), None);
+        // GSO without NEEDS_CSUM: the headers end where csum_start (kept by a sender that
+        // completed the checksum) says, and cannot be told without it.
+        assert_eq!(
+            VnetHdr { flags: 0, ..tso(1, 1448) }.largest_segment_len(&frame),
+            Some(34 + 32 + 1448)
+        );
+        assert_eq!(
+            VnetHdr { flags: 0, csum_start: 0, ..tso(1, 1448) }.largest_segment_len(&frame),
+            None
+        );
         assert_eq!(tso(1, 1448).largest_segment_len(&frame[..40]), None);
         frame[34 + 12] = 4 << 4;
         assert_eq!(tso(1, 1448).largest_segment_len(&frame), None, "data offset below 5");
