@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 
 pub mod fdpass;
+pub mod sd;
 pub mod tun;
 pub mod vfio;
 
