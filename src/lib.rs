@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod doorbell;
 pub mod mac;

@@ -8,8 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use ivnet::backend;
+use ivnet::backend::pci::PciError;
 use ivnet::backend::server_client::ServerSession;
-use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, ServerArgs};
+use ivnet::backend::PciBackendError;
+use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, Origin, ServerArgs};
 use ivnet::status::Status;
 
 /// An Ethernet segment between VMs and processes on one host, carried in shared memory.
@@ -37,7 +39,7 @@ enum Command {
     /// creates the region, assigns peer ids and hands out eventfds (QEMU's ivshmem-server
     /// protocol). Runs in the foreground.
     ///
-    /// Example: ivnet server --socket /run/ivnet.sock --shm /dev/shm/ivnet --size 64M
+    /// Example: ivnet server --socket /run/ivnet/ivnet.sock --shm /dev/shm/ivnet --size 64M
     Server(ServerArgs),
     /// Be a host on a segment without privileges or a TAP (smoltcp): ping, echo servers, TCP
     /// throughput tests, and forwarding a host port to a service on the segment. The common
@@ -76,13 +78,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
             let cfg = AgentConfig::from_args(&args)?;
+            if args.check_config {
+                return report_check("agent", &cfg.to_toml(), &ivnet::check::agent(&cfg));
+            }
             match &cfg.backend {
                 BackendChoice::File { path, size } => {
                     let region = backend::file::attach(path, *size, &cfg.geometry)?;
                     ivnet::agent::run(region, &cfg, None, None)?;
                 }
                 BackendChoice::Pci { spec, bind } => {
-                    let m = backend::open_pci(spec, *bind, &cfg.geometry, cfg.spin)?;
+                    let m =
+                        backend::open_pci(spec, *bind, &cfg.geometry, cfg.spin).map_err(|e| {
+                            // The VM's configuration file used on a host: say where the choice is.
+                            match (&e, cfg.origin("device")) {
+                                (
+                                    PciBackendError::Pci(PciError::NotFound),
+                                    Origin::File { path, line },
+                                ) => anyhow::Error::new(e).context(format!(
+                                    "{} line {line} chooses the ivshmem device (device = ...), \
+                                     which exists only in a VM: on a host give --socket PATH or \
+                                     --shm PATH (either replaces it), or use a host configuration",
+                                    path.display()
+                                )),
+                                _ => e.into(),
+                            }
+                        })?;
                     log::info!("using the ivshmem device through {}", m.backend);
                     ivnet::agent::run(m.region, &cfg, m.assigned_id, m.wakeups)?;
                 }
@@ -96,6 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Server(args) => {
             let cfg = args.to_config()?;
+            if args.check_config {
+                return report_check("server", &args.to_toml(&cfg), &ivnet::check::server(&cfg));
+            }
             ivnet::server::Server::bind(cfg)?.run()?;
             Ok(())
         }
@@ -120,6 +143,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `--check-config`: the effective configuration and the findings on stdout (as a TOML file
+/// with comments); an error if there are problems.
+fn report_check(what: &str, config: &str, findings: &ivnet::check::Findings) -> anyhow::Result<()> {
+    println!("# ivnet {what} --check-config: the effective configuration (a flag wins over the");
+    println!("# configuration file, the file over the default), then what the checks found.");
+    print!("{config}{}", findings.to_comments());
+    match findings.problems.len() {
+        0 => {
+            println!("# no problems found");
+            Ok(())
+        }
+        n => anyhow::bail!(
+            "{n} problem{} found (the `# problem:` lines above)",
+            if n == 1 { "" } else { "s" }
+        ),
     }
 }
 

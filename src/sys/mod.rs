@@ -3,6 +3,7 @@
 //! into an `io::Error`; nothing here keeps state.
 #![allow(unsafe_code)]
 
+pub mod access;
 pub mod fdpass;
 pub mod sd;
 pub mod tun;
