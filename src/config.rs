@@ -187,7 +187,9 @@ pub struct AgentArgs {
     /// MTU of the TAP interface (68..=65521, at most the segment MTU). Default 1500.
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
-    /// MAC address of the TAP. Default: 02:69:76:6e:HH:LL from the peer id (stable).
+    /// MAC address of the TAP. Default: derived from /etc/machine-id and the TAP name (stable
+    /// across restarts), or 02:69:76:6e:HH:LL from the peer id if another member of the segment
+    /// already has that MAC (namespaces on one host share the machine id).
     #[arg(long, value_name = "MAC")]
     pub mac: Option<Mac>,
     /// Address to give the TAP, e.g. 10.0.0.1/24 (repeat for several). The link is brought up

@@ -23,7 +23,6 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::config::AgentConfig;
 use crate::doorbell::{NoDoorbells, Notifier, Wakeups, VECTOR_LINK};
-use crate::mac::Mac;
 use crate::region::{PeerKind, PeerState, Region};
 use crate::sys::{SignalFd, TimerFd};
 use datapath::{Datapath, DatapathError, DatapathOptions};
@@ -114,7 +113,14 @@ pub fn run(
         None => link::claim(&region, cfg.peer_id, cfg.link_timeout)?,
     };
     let mut guard = ClaimGuard { region: &region, claim, armed: true };
-    let mac = cfg.mac.unwrap_or_else(|| Mac::for_peer(claim.id));
+    let mac = match cfg.mac {
+        Some(m) => m,
+        None => {
+            let (m, why) = crate::mac::default_for_member(&region, claim.id, &cfg.tap);
+            log::info!("MAC {m} {why}");
+            m
+        }
+    };
     tap.set_mac(mac.0)?;
     tap.set_mtu(cfg.mtu)?;
     for a in &cfg.addresses {

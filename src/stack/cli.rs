@@ -37,7 +37,7 @@ pub struct StackArgs {
     /// Default gateway (one IPv4 and/or one IPv6), inside an --ip subnet.
     #[arg(long, value_name = "ADDR")]
     pub gateway: Vec<IpAddr>,
-    /// MAC address. Default: 02:69:76:6e:HH:LL from the peer id (stable), as for the agent.
+    /// MAC address. Default: 02:69:76:6e:HH:LL from the peer id.
     #[arg(long, value_name = "MAC")]
     pub mac: Option<Mac>,
     /// IP MTU (576..=65521, at least 1280 with IPv6, at most the segment MTU). Default 1500.
