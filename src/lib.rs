@@ -18,3 +18,7 @@ pub mod server;
 pub mod stack;
 pub mod status;
 pub mod sys;
+
+/// Log target of the few lines shown at the default log level besides warnings: the one line
+/// each long-running command prints when it is up (the agent joined, the server listens).
+pub const NOTICE: &str = "ivnet::notice";

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ivnet::backend;
 use ivnet::backend::pci::PciError;
@@ -64,10 +64,11 @@ enum Command {
 
 fn init_logging(verbose: u8) {
     let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+        // Warnings, and the one line that says the agent or server is up.
+        0 => format!("warn,{}=info", ivnet::NOTICE),
+        1 => "info".into(),
+        2 => "debug".into(),
+        _ => "trace".into(),
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
@@ -164,8 +165,47 @@ fn report_check(what: &str, config: &str, findings: &ivnet::check::Findings) -> 
     }
 }
 
+/// `ivnet stack ping 10.0.0.1 --ip ...`: clap would suggest `-- --ip`; the fix is to move the
+/// option before the tool. Returns that error if `err` is this case.
+fn misplaced_stack_option(err: &clap::Error, argv: &[String]) -> Option<clap::Error> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else { return None };
+    let name = arg.split('=').next().unwrap_or(arg);
+    let mut cmd = Cli::command();
+    cmd.build();
+    let stack = cmd.find_subcommand_mut("stack")?;
+    let is_stack_option = stack.get_arguments().any(|a| {
+        a.get_long().is_some_and(|l| name.strip_prefix("--") == Some(l))
+            || a.get_short()
+                .is_some_and(|c| name.len() == 2 && name.strip_prefix('-') == Some(&c.to_string()))
+    });
+    let at = argv.iter().position(|a| a == "stack")?;
+    let tools: Vec<String> = stack.get_subcommands().map(|t| t.get_name().to_string()).collect();
+    let tool = argv[at + 1..].iter().find(|a| tools.contains(a))?;
+    if !is_stack_option {
+        return None;
+    }
+    Some(stack.error(
+        ErrorKind::UnknownArgument,
+        format!(
+            "{name} is an option of `ivnet stack`, not of its tool `{tool}`: put the options \
+             before the tool, e.g. `ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.9/24 {tool} ...`"
+        ),
+    ))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => match misplaced_stack_option(&e, &argv) {
+            Some(better) => better.exit(),
+            None => e.exit(),
+        },
+    };
     init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

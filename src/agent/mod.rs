@@ -139,7 +139,8 @@ pub fn run(
     let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
     guard.armed = false;
     log::info!(
-        "joined {} as peer {} (incarnation {}): {} MAC {} MTU {} offloads {}{}",
+        target: crate::NOTICE,
+        "joined {} as peer {} (incarnation {}): {} up, MAC {} MTU {} offloads {}{}",
         region.name(),
         claim.id,
         claim.incarnation,

@@ -34,8 +34,9 @@ pub enum ServerError {
     Region(#[from] FileBackendError),
     /// QEMU maps the region as a PCI BAR, whose size must be a power of two.
     #[error(
-        "region {path} is {size} bytes: QEMU's ivshmem needs a power-of-two size (e.g. 16M, 64M); \
-         recreate it with --size"
+        "region file {path} exists with {size} bytes, not a power of two as QEMU's ivshmem needs; \
+         --size cannot change an existing file: remove it once no member uses it (or serve \
+         another --shm)"
     )]
     NotPowerOfTwo {
         /// Region file.
@@ -170,6 +171,7 @@ impl Server {
             UnixListener::bind(&cfg.socket).map_err(socket_err("listen on", &cfg.socket))?;
         let g = region.geometry();
         log::info!(
+            target: crate::NOTICE,
             "serving {} ({} bytes, {} peer slots) on {} with {} vectors per peer",
             cfg.shm.display(),
             size,
