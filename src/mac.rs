@@ -104,7 +104,9 @@ fn machine_id_from(text: &str) -> Option<String> {
 }
 
 /// The MAC an agent uses when none is configured, for interface `ifname` in peer slot `slot`
-/// (claimed, not yet up): [`Mac::persistent`] from `/etc/machine-id` and `ifname`, unless
+/// (claimed, not yet up; `mtu` and `features` are what the agent will publish there when it
+/// joins, written now already since peers may read the slot as soon as it is claimed):
+/// [`Mac::persistent`] from `/etc/machine-id` and `ifname`, unless
 /// another member of the segment already has that MAC (namespaces on one host share a machine
 /// id, and so may VMs cloned from one image), or there is no machine id: then the slot's MAC
 /// ([`Mac::for_peer`]). Returns the MAC and why it was chosen.
@@ -113,15 +115,23 @@ fn machine_id_from(text: &str) -> Option<String> {
 /// before they look at the others'; with a sequentially consistent fence between the two steps
 /// on both sides, at least one of them sees the other's, so they never both keep the same MAC
 /// (both may fall back).
-pub fn default_for_member(region: &Region, slot: u32, ifname: &str) -> (Mac, String) {
+pub fn default_for_member(
+    region: &Region,
+    slot: u32,
+    ifname: &str,
+    mtu: u32,
+    features: u32,
+) -> (Mac, String) {
     let fallback = Mac::for_peer(slot);
     let Some(id) = machine_id() else {
         return (fallback, "from the peer id (no /etc/machine-id)".into());
     };
     let candidate = Mac::persistent(&id, ifname);
     let me = region.peer(slot);
-    // Our slot is claimed but not up: nobody reads its MAC yet except choosers like us.
-    me.set_info(candidate.0, 0, 0, PeerKind::Agent, std::process::id());
+    // Our slot is claimed but not up. Its MAC matters to choosers like us; a peer that sees the
+    // new incarnation before we are up reads MTU and features, so those are the real ones.
+    let publish = |mac: Mac| me.set_info(mac.0, mtu, features, PeerKind::Agent, std::process::id());
+    publish(candidate);
     // SeqCst fence: pairs with the same fence of another agent running this function, between
     // its MAC store above and its loads below (store-buffering: one of two sees the other).
     fence(Ordering::SeqCst);
@@ -139,7 +149,7 @@ pub fn default_for_member(region: &Region, slot: u32, ifname: &str) -> (Mac, Str
     match taken_by {
         None => (candidate, format!("from /etc/machine-id and {ifname}")),
         Some(other) => {
-            me.set_info(fallback.0, 0, 0, PeerKind::Agent, std::process::id());
+            publish(fallback);
             (
                 fallback,
                 format!(

@@ -64,6 +64,11 @@ fn default_mac_from_machine_id_then_from_the_slot() {
     lab.agents[0].take().expect("running").kill_hard();
     lab.start(0, &[]);
     assert_eq!(link_mac(&lab.ns[0], "tap-shm"), m0);
+    // Choosing the MAC publishes it early in the slot, with the real MTU: the others, which
+    // see the restart at once, must still reach it with full-size frames.
+    lab.wait_reachable(1, 0, std::time::Duration::from_secs(10));
+    assert_ping(&lab.ns[1], &Lab::addr(0), 3);
+    assert!(!lab.agent(1).log().contains("MTU 68"), "{}", lab.agent(1).log());
     let a0 = lab.agents[0].take().expect("running");
     assert!(a0.terminate().success());
     lab.start(0, &[]);

@@ -116,7 +116,9 @@ pub fn run(
     let mac = match cfg.mac {
         Some(m) => m,
         None => {
-            let (m, why) = crate::mac::default_for_member(&region, claim.id, &cfg.tap);
+            let features = tap::FrameIo::offloads(&tap).unwrap_or_default().bits();
+            let (m, why) =
+                crate::mac::default_for_member(&region, claim.id, &cfg.tap, cfg.mtu, features);
             log::info!("MAC {m} {why}");
             m
         }
