@@ -171,8 +171,9 @@ pub struct RegionArgs {
 /// Flags of `ivnet agent`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// Configuration file (TOML, keys named like the flags). Default: /etc/ivnet/ivnet.toml
-    /// if it exists.
+    /// Configuration file (TOML, keys named like the flags). Flags win over it; a --shm,
+    /// --socket or --device flag replaces its way to the segment. Default:
+    /// /etc/ivnet/ivnet.toml if it exists.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
