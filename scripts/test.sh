@@ -17,6 +17,9 @@ HOST_TEST_PACKAGES=(
     iproute2      # ip netns, ip link/addr, ss
     iputils-ping  # ping
     util-linux    # setpriv (the "not root" case of tests/bad_input.rs)
+    systemd       # systemd-analyze security/verify of the units (tests/systemd_units.rs)
+    libvirt-clients  # virt-xml-validate of the example domain (tests/libvirt_xml.rs)
+    libxml2-utils    # xmllint, which virt-xml-validate runs
 )
 # VM tests (tests/vm/: a guest kernel and busybox initramfs booted in QEMU):
 VM_TEST_PACKAGES=(

@@ -1,7 +1,9 @@
 //! Command-line flags and the TOML file (`/etc/ivnet/ivnet.toml`) -> one validated configuration.
 //!
 //! Flags win over the file; the file wins over the defaults. Every key of the file has the
-//! flag's name (`peer-id = 1`, `address = ["10.0.0.1/24"]`).
+//! flag's name (`peer-id = 1`, `address = ["10.0.0.1/24"]`). An error in the file names the
+//! file, the line and the key; an unknown key also lists the keys there are. The file, like the
+//! flags, gives exactly one way to reach the region (`shm`, `socket` or `device`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::agent::tap::OffloadMode;
 use crate::backend::file::CreateMode;
@@ -31,12 +34,26 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML or has unknown keys.
-    #[error("configuration file {path}: {message}")]
+    /// The file is not valid TOML.
+    #[error("configuration file {path} line {line}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
+        /// Line of the error (1-based).
+        line: usize,
         /// What the parser said.
+        message: String,
+    },
+    /// A key of the file is unknown, has a bad value or conflicts with another key.
+    #[error("configuration file {path} line {line}: {key}: {message}")]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// Line of the key (1-based).
+        line: usize,
+        /// The key.
+        key: String,
+        /// What is wrong and what is allowed.
         message: String,
     },
     /// A value is out of range or malformed.
@@ -55,7 +72,8 @@ pub enum ConfigError {
     },
 }
 
-/// A byte size written as `65536`, `64K`, `16M`, `1G` (binary multiples; `MiB` etc. also accepted).
+/// A byte size written as `65536`, `64K`, `16M`, `1G` or `64MiB`: binary multiples (K = 1024).
+/// `KB`, `MB` and `GB` are refused as ambiguous (decimal to some, binary to others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
@@ -68,12 +86,31 @@ impl FromStr for ByteSize {
         let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 64M or 1G"))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
-            "k" | "kb" | "kib" => 1 << 10,
-            "m" | "mb" | "mib" => 1 << 20,
-            "g" | "gb" | "gib" => 1 << 30,
-            _ => return Err(format!("{s:?} has an unknown unit: use K, M or G")),
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            u @ ("kb" | "mb" | "gb") => {
+                let b = u[..1].to_ascii_uppercase();
+                return Err(format!(
+                    "{s:?} is ambiguous: sizes are binary here, write {n}{b} (the same as {n}{b}iB)"
+                ));
+            }
+            _ => return Err(format!("{s:?} has an unknown unit: use K, M or G (binary)")),
         };
         n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// The shortest exact form: `64M`, `1536K`, `1000`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+            if n != 0 && n.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}")
     }
 }
 
@@ -114,7 +151,8 @@ pub struct RegionArgs {
     /// Region file (`file` backend): a shared file such as /dev/shm/ivnet, created if absent.
     #[arg(long, value_name = "PATH")]
     pub shm: Option<PathBuf>,
-    /// Size of the region file when it is created (e.g. 64M). An existing file keeps its size.
+    /// Size of the region file when it is created: K, M or G are binary (64M = 64 MiB; KB, MB
+    /// and GB are refused as ambiguous). An existing file keeps its size.
     #[arg(long, value_name = "SIZE")]
     pub size: Option<ByteSize>,
     /// Peer slots in a new region (2..=64). On an existing region: must match if given.
@@ -181,8 +219,9 @@ impl RegionArgs {
 /// Flags of `ivnet agent`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AgentArgs {
-    /// Configuration file (TOML, keys named like the flags). Default: /etc/ivnet/ivnet.toml
-    /// if it exists.
+    /// Configuration file (TOML, keys named like the flags). Flags win over it; a --shm,
+    /// --socket or --device flag replaces its way to the segment. Default:
+    /// /etc/ivnet/ivnet.toml if it exists.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -197,7 +236,9 @@ pub struct AgentArgs {
     /// MTU of the TAP interface (68..=65521, at most the segment MTU). Default 1500.
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
-    /// MAC address of the TAP. Default: 02:69:76:6e:HH:LL from the peer id (stable).
+    /// MAC address of the TAP. Default: derived from /etc/machine-id and the TAP name (stable
+    /// across restarts), or 02:69:76:6e:HH:LL from the peer id if another member of the segment
+    /// already has that MAC (namespaces on one host share the machine id).
     #[arg(long, value_name = "MAC")]
     pub mac: Option<Mac>,
     /// Address to give the TAP, e.g. 10.0.0.1/24 (repeat for several). The link is brought up
@@ -241,10 +282,22 @@ pub struct AgentArgs {
     /// which also cuts off hosts bridged behind a peer.
     #[arg(long)]
     pub pin_macs: bool,
+    /// Check the configuration (flags and file) without starting: print the effective
+    /// configuration and every problem found (values, conflicts, paths and their permissions,
+    /// the device or region); exit 0 if there is none, 1 otherwise.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// Flags of `ivnet server`.
 #[derive(Debug, Clone, Args)]
+#[command(
+    mut_arg("shm", |a| a.required(true).help("Region file to create (or serve, if it exists), \
+        e.g. /dev/shm/ivnet")),
+    mut_arg("size", |a| a.help("Size of the region file when it is created: a power of two, \
+        since QEMU maps it as a PCI BAR (16M, 64M, 1G; K, M, G are binary; KB, MB, GB are \
+        refused). An existing file keeps its size [default: 64M]")),
+)]
 pub struct ServerArgs {
     /// UNIX socket to listen on (QEMU: -chardev socket,path=PATH,id=ivs).
     #[arg(long, value_name = "PATH")]
@@ -267,6 +320,11 @@ pub struct ServerArgs {
     /// single user can fill the segment; with libvirt every guest runs under one uid.
     #[arg(long, value_name = "N")]
     pub max_clients_per_uid: Option<u32>,
+    /// Check the flags without starting: print the effective configuration and every problem
+    /// found (values, the socket's and the region's paths and permissions, an existing
+    /// region's size and geometry); exit 0 if there is none, 1 otherwise.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl ServerArgs {
@@ -290,16 +348,66 @@ impl ServerArgs {
                 "the server needs --shm PATH (the region file to create or serve)",
             ));
         };
+        let size = self.region.size.map_or(DEFAULT_SERVER_SIZE, |s| s.0);
+        if !size.is_power_of_two() {
+            let (lo, hi) = (1u64 << (63 - size.leading_zeros()), size.next_power_of_two());
+            return Err(invalid(
+                "size",
+                format!(
+                    "{} is not a power of two, which QEMU's ivshmem needs (the region is a PCI \
+                     BAR): use {} or {}",
+                    ByteSize(size),
+                    ByteSize(lo),
+                    ByteSize(hi)
+                ),
+            ));
+        }
+        let max_vectors = crate::server::protocol::MAX_VECTORS;
+        if !(1..=max_vectors).contains(&self.vectors) {
+            return Err(invalid(
+                "vectors",
+                format!("{} is out of range: use 1..={max_vectors}", self.vectors),
+            ));
+        }
         Ok(crate::server::ServerConfig {
             socket: self.socket.clone(),
             shm,
-            size: self.region.size.map(|s| s.0).or(Some(DEFAULT_SERVER_SIZE)),
+            size: Some(size),
             vectors: self.vectors,
             geometry: self.region.geometry(),
             max_queue: 4096,
             mode: self.region.create_mode(None, None)?,
             limits: self.limits(),
         })
+    }
+}
+
+impl ServerArgs {
+    /// The effective server configuration as TOML-style lines (`ivnet server --check-config`).
+    pub fn to_toml(&self, cfg: &crate::server::ServerConfig) -> String {
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut lines = vec![
+            ("socket", q(&cfg.socket), "flag"),
+            ("shm", q(&cfg.shm), "flag"),
+            (
+                "size",
+                format!("{:?}", ByteSize(cfg.size.unwrap_or(DEFAULT_SERVER_SIZE)).to_string()),
+                if self.region.size.is_some() { "flag" } else { "default" },
+            ),
+            ("vectors", cfg.vectors.to_string(), "flag or default"),
+        ];
+        let g = &cfg.geometry;
+        for (key, v) in [
+            ("max-peers", g.max_peers),
+            ("slots", g.ring_slots),
+            ("slot-size", g.slot_size),
+            ("segment-mtu", g.mtu),
+        ] {
+            if let Some(v) = v {
+                lines.push((key, v.to_string(), "flag"));
+            }
+        }
+        lines.into_iter().map(|(k, v, o)| format!("{:<40} # {o}\n", format!("{k} = {v}"))).collect()
     }
 }
 
@@ -318,32 +426,103 @@ impl RegionArgs {
     }
 }
 
-/// The keys the configuration file may hold.
+/// The keys the configuration file may hold, each with where its value was written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
-    shm: Option<PathBuf>,
-    size: Option<String>,
-    max_peers: Option<u32>,
-    slots: Option<u32>,
-    slot_size: Option<u32>,
-    segment_mtu: Option<u32>,
-    peer_id: Option<u32>,
-    tap: Option<String>,
-    mtu: Option<u32>,
-    mac: Option<String>,
-    address: Option<Vec<String>>,
-    poll_us: Option<u64>,
-    poll_idle_us: Option<u64>,
-    link_timeout_ms: Option<u64>,
-    socket: Option<PathBuf>,
-    spin_us: Option<u64>,
-    device: Option<String>,
-    bind: Option<bool>,
-    offload: Option<String>,
-    pin_macs: Option<bool>,
-    mode: Option<String>,
-    group: Option<String>,
+    shm: Option<Spanned<PathBuf>>,
+    size: Option<Spanned<String>>,
+    max_peers: Option<Spanned<u32>>,
+    slots: Option<Spanned<u32>>,
+    slot_size: Option<Spanned<u32>>,
+    segment_mtu: Option<Spanned<u32>>,
+    peer_id: Option<Spanned<u32>>,
+    tap: Option<Spanned<String>>,
+    mtu: Option<Spanned<u32>>,
+    mac: Option<Spanned<String>>,
+    address: Option<Spanned<Vec<String>>>,
+    poll_us: Option<Spanned<u64>>,
+    poll_idle_us: Option<Spanned<u64>>,
+    link_timeout_ms: Option<Spanned<u64>>,
+    socket: Option<Spanned<PathBuf>>,
+    spin_us: Option<Spanned<u64>>,
+    device: Option<Spanned<String>>,
+    bind: Option<Spanned<bool>>,
+    offload: Option<Spanned<String>>,
+    pin_macs: Option<Spanned<bool>>,
+    mode: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+}
+
+/// The keys of the configuration file, as an error about an unknown key lists them.
+pub const FILE_KEYS: &[&str] = &[
+    "shm",
+    "size",
+    "socket",
+    "device",
+    "bind",
+    "peer-id",
+    "tap",
+    "mtu",
+    "mac",
+    "address",
+    "poll-us",
+    "poll-idle-us",
+    "spin-us",
+    "link-timeout-ms",
+    "offload",
+    "pin-macs",
+    "mode",
+    "group",
+    "max-peers",
+    "slots",
+    "slot-size",
+    "segment-mtu",
+];
+
+/// A configuration file as read: its keys, and its text for line numbers.
+struct LoadedFile {
+    path: PathBuf,
+    text: String,
+    keys: FileConfig,
+}
+
+impl LoadedFile {
+    /// The 1-based line of byte offset `at`.
+    fn line(&self, at: usize) -> usize {
+        line_of(&self.text, at)
+    }
+}
+
+fn line_of(text: &str, at: usize) -> usize {
+    let at = at.min(text.len());
+    text.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A command-line flag.
+    Flag,
+    /// The configuration file, at this line.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+    },
+    /// Nobody set it.
+    Default,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Flag => f.write_str("flag"),
+            Origin::File { path, line } => write!(f, "{} line {line}", path.display()),
+            Origin::Default => f.write_str("default"),
+        }
+    }
 }
 
 /// How the agent reaches its region.
@@ -383,7 +562,7 @@ pub struct AgentConfig {
     pub tap: String,
     /// TAP MTU.
     pub mtu: u32,
-    /// TAP MAC (None: derived from the peer id).
+    /// TAP MAC (None: derived from /etc/machine-id and the TAP name, else from the peer id).
     pub mac: Option<Mac>,
     /// Addresses for the TAP.
     pub addresses: Vec<Cidr>,
@@ -401,6 +580,8 @@ pub struct AgentConfig {
     pub pin_macs: bool,
     /// Mode and group of a region file the agent creates.
     pub create_mode: CreateMode,
+    /// Where each key's value came from (keys as in the file), for `--check-config`.
+    pub origins: Vec<(&'static str, Origin)>,
 }
 
 /// Default spin window in µs (see bench/README.md for the measurement behind it).
@@ -421,110 +602,324 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
 
-fn load_file(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
-    let path = match explicit {
-        Some(p) => p.to_path_buf(),
-        None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
-        None => return Ok(FileConfig::default()),
-    };
+/// The file to read: the one given, else the default one if it exists, else none.
+fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None if Path::new(DEFAULT_CONFIG).exists() => Some(PathBuf::from(DEFAULT_CONFIG)),
+        None => None,
+    }
+}
+
+fn load_file(explicit: Option<&Path>) -> Result<Option<LoadedFile>, ConfigError> {
+    let Some(path) = config_path(explicit) else { return Ok(None) };
     let text = std::fs::read_to_string(&path)
         .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.message().to_string() })
+    parse_file(path, text).map(Some)
+}
+
+fn parse_file(path: PathBuf, text: String) -> Result<LoadedFile, ConfigError> {
+    match toml::from_str::<FileConfig>(&text) {
+        Ok(keys) => {
+            let file = LoadedFile { path, text, keys };
+            check_file_conflicts(&file)?;
+            Ok(file)
+        }
+        Err(e) => {
+            let line = e.span().map_or(1, |s| line_of(&text, s.start));
+            let message = e.message().trim().lines().collect::<Vec<_>>().join("; ");
+            // serde: "unknown field `bogus`, expected one of `shm`, `size`, ..."
+            if let Some(rest) = message.strip_prefix("unknown field `") {
+                let key = rest.split('`').next().unwrap_or(rest).to_string();
+                return Err(ConfigError::InFile {
+                    path,
+                    line,
+                    key,
+                    message: format!("unknown key; the keys are {}", FILE_KEYS.join(", ")),
+                });
+            }
+            // A bad value: name the key written on that line, if it is one of ours.
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().to_string())
+                .filter(|k| FILE_KEYS.contains(&k.as_str()));
+            match key {
+                Some(key) => Err(ConfigError::InFile { path, line, key, message }),
+                None => Err(ConfigError::Parse { path, line, message }),
+            }
+        }
+    }
+}
+
+/// The file alone must make sense: at most one way to reach the region, and `size`/`bind`/
+/// `peer-id` only with the backend they belong to.
+fn check_file_conflicts(f: &LoadedFile) -> Result<(), ConfigError> {
+    let k = &f.keys;
+    let at = |key: &str, span: std::ops::Range<usize>, message: String| ConfigError::InFile {
+        path: f.path.clone(),
+        line: f.line(span.start),
+        key: key.to_string(),
+        message,
+    };
+    let backends: Vec<(&str, std::ops::Range<usize>)> = [
+        ("shm", k.shm.as_ref().map(Spanned::span)),
+        ("socket", k.socket.as_ref().map(Spanned::span)),
+        ("device", k.device.as_ref().map(Spanned::span)),
+    ]
+    .into_iter()
+    .filter_map(|(key, span)| span.map(|s| (key, s)))
+    .collect();
+    // Report the one written later, naming the earlier one.
+    let mut backends = backends;
+    backends.sort_by_key(|(_, span)| span.start);
+    if let [(first, first_span), (second, second_span), ..] = backends.as_slice() {
+        return Err(at(
+            second,
+            second_span.clone(),
+            format!(
+                "conflicts with {first} (line {}): give exactly one of shm, socket and device \
+                 (comment out the others)",
+                f.line(first_span.start)
+            ),
+        ));
+    }
+    let backend = backends.first().map(|(key, _)| *key);
+    if let (Some(size), Some(b)) = (&k.size, backend.filter(|b| *b != "shm")) {
+        return Err(at("size", size.span(), format!("only used with shm, not with {b}")));
+    }
+    if let (Some(bind), Some(b)) = (&k.bind, backend.filter(|b| *b != "device")) {
+        if *bind.get_ref() {
+            return Err(at("bind", bind.span(), format!("only used with device, not with {b}")));
+        }
+    }
+    if let (Some(id), Some(b)) = (&k.peer_id, backend.filter(|b| *b != "shm")) {
+        return Err(at(
+            "peer-id",
+            id.span(),
+            format!("only used with shm: with {b} the peer id is assigned"),
+        ));
+    }
+    Ok(())
+}
+
+/// Merges one key at a time (flag over file over default) and remembers where each value came
+/// from, so that a bad value is reported where it was written.
+struct Merge<'f> {
+    file: Option<&'f LoadedFile>,
+    origins: Vec<(&'static str, Origin)>,
+}
+
+impl<'f> Merge<'f> {
+    fn origin(&self, key: &str) -> Origin {
+        self.origins.iter().find(|(k, _)| *k == key).map_or(Origin::Default, |(_, o)| o.clone())
+    }
+
+    fn record(&mut self, key: &'static str, origin: Origin) {
+        self.origins.retain(|(k, _)| *k != key);
+        self.origins.push((key, origin));
+    }
+
+    fn record_file<T>(&mut self, key: &'static str, v: &Spanned<T>) {
+        let file = self.file.expect("a value from the file implies a file");
+        let origin = Origin::File { path: file.path.clone(), line: file.line(v.span().start) };
+        self.record(key, origin);
+    }
+
+    /// The flag's value, else the file's, else None.
+    fn pick<T: Clone>(
+        &mut self,
+        key: &'static str,
+        flag: Option<T>,
+        file: Option<&Spanned<T>>,
+    ) -> Option<T> {
+        if let Some(v) = flag {
+            self.record(key, Origin::Flag);
+            return Some(v);
+        }
+        if let Some(v) = file {
+            self.record_file(key, v);
+            return Some(v.get_ref().clone());
+        }
+        self.record(key, Origin::Default);
+        None
+    }
+
+    /// As [`Merge::pick`], parsing the file's text with `parse`.
+    fn pick_parsed<T>(
+        &mut self,
+        key: &'static str,
+        flag: Option<T>,
+        file: Option<&Spanned<String>>,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match (flag, file) {
+            (Some(v), _) => {
+                self.record(key, Origin::Flag);
+                Ok(Some(v))
+            }
+            (None, Some(s)) => {
+                self.record_file(key, s);
+                parse(s.get_ref()).map(Some).map_err(|m| self.invalid(key, m))
+            }
+            (None, None) => {
+                self.record(key, Origin::Default);
+                Ok(None)
+            }
+        }
+    }
+
+    /// An error about `key`, at the line of the file that set it if the file did.
+    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        match self.origin(key) {
+            Origin::File { path, line } => {
+                ConfigError::InFile { path, line, key: key.to_string(), message: message.into() }
+            }
+            _ => invalid(key, message),
+        }
+    }
 }
 
 impl AgentConfig {
     /// Merges flags over the configuration file and checks every value.
     pub fn from_args(args: &AgentArgs) -> Result<Self, ConfigError> {
-        let file = load_file(args.config.as_deref())?;
+        let loaded = load_file(args.config.as_deref())?;
+        let empty = FileConfig::default();
+        let file = loaded.as_ref().map_or(&empty, |l| &l.keys);
+        let mut m = Merge { file: loaded.as_ref(), origins: Vec::new() };
         let r = &args.region;
-        let size = match (&r.size, &file.size) {
-            (Some(s), _) => Some(s.0),
-            (None, Some(s)) => Some(s.parse::<ByteSize>().map_err(|m| invalid("size", m))?.0),
-            (None, None) => None,
-        };
-        let file_device = match &file.device {
-            Some(d) => Some(d.parse().map_err(|m: String| invalid("device", m))?),
-            None => None,
-        };
-        let bind = args.bind || file.bind.unwrap_or(false);
-        let backend = if let Some(spec) = args.device.clone() {
-            BackendChoice::Pci { spec, bind }
-        } else if let Some(socket) = args.socket.clone() {
-            BackendChoice::Server { socket }
-        } else if let Some(path) = r.shm.clone() {
-            BackendChoice::File { path, size }
-        } else if let Some(spec) = file_device {
-            BackendChoice::Pci { spec, bind }
-        } else if let Some(socket) = file.socket {
-            BackendChoice::Server { socket }
-        } else if let Some(path) = file.shm {
-            BackendChoice::File { path, size }
+        // A backend flag replaces the file's backend, and with it the file's keys that belong
+        // to another backend (size and peer-id go with shm, bind with device).
+        let flag_backend = args.device.is_some() || args.socket.is_some() || r.shm.is_some();
+        let file_keeps = |backend_key: bool| !flag_backend || backend_key;
+        let size = m.pick_parsed(
+            "size",
+            r.size,
+            file.size.as_ref().filter(|_| file_keeps(r.shm.is_some())),
+            |s| s.parse::<ByteSize>(),
+        )?;
+        let (device, socket, shm) = if flag_backend {
+            (
+                m.pick("device", args.device.clone(), None),
+                m.pick("socket", args.socket.clone(), None),
+                m.pick("shm", r.shm.clone(), None),
+            )
         } else {
-            return Err(ConfigError::NoBackend {
-                more: ", --socket PATH (a doorbell server) or --device auto (the ivshmem PCI device in a VM)",
-            });
+            (
+                m.pick_parsed("device", None, file.device.as_ref(), |s| s.parse())?,
+                m.pick("socket", None, file.socket.as_ref()),
+                m.pick("shm", None, file.shm.as_ref()),
+            )
         };
-        let create_mode = r.create_mode(file.mode.as_deref(), file.group.as_deref())?;
+        let file_bind = file.bind.as_ref().filter(|_| file_keeps(args.device.is_some()));
+        let bind = m.pick("bind", args.bind.then_some(true), file_bind).unwrap_or(false);
+        let backend = match (device, socket, shm) {
+            (Some(spec), _, _) => BackendChoice::Pci { spec, bind },
+            (None, Some(socket), _) => BackendChoice::Server { socket },
+            (None, None, Some(path)) => BackendChoice::File { path, size: size.map(|s| s.0) },
+            (None, None, None) => {
+                return Err(ConfigError::NoBackend {
+                    more: ", --socket PATH (a doorbell server) or --device auto (the ivshmem PCI \
+                           device in a VM), on the command line or in the configuration file",
+                });
+            }
+        };
+        let file_peer_id = file.peer_id.as_ref().filter(|_| file_keeps(r.shm.is_some()));
+        let peer_id = m.pick("peer-id", args.peer_id, file_peer_id);
+        match &backend {
+            BackendChoice::File { .. } => {}
+            other => {
+                let what =
+                    if matches!(other, BackendChoice::Pci { .. }) { "device" } else { "socket" };
+                if size.is_some() {
+                    return Err(m.invalid("size", format!("only used with shm, not with {what}")));
+                }
+                if peer_id.is_some() {
+                    return Err(m.invalid(
+                        "peer-id",
+                        format!("only used with shm: with {what} the peer id is assigned"),
+                    ));
+                }
+            }
+        }
+        if bind && !matches!(backend, BackendChoice::Pci { .. }) {
+            return Err(m.invalid("bind", "only used with device"));
+        }
+        let create_mode = r.create_mode(
+            file.mode.as_ref().map(|s| s.get_ref().as_str()),
+            file.group.as_ref().map(|s| s.get_ref().as_str()),
+        )?;
         let geometry = GeometryRequest {
-            max_peers: r.max_peers.or(file.max_peers),
-            ring_slots: r.slots.or(file.slots),
-            slot_size: r.slot_size.or(file.slot_size),
-            mtu: r.segment_mtu.or(file.segment_mtu),
+            max_peers: m.pick("max-peers", r.max_peers, file.max_peers.as_ref()),
+            ring_slots: m.pick("slots", r.slots, file.slots.as_ref()),
+            slot_size: m.pick("slot-size", r.slot_size, file.slot_size.as_ref()),
+            mtu: m.pick("segment-mtu", r.segment_mtu, file.segment_mtu.as_ref()),
         };
-        let spin_us = args.spin_us.or(file.spin_us).unwrap_or(DEFAULT_SPIN_US);
+        let spin_us =
+            m.pick("spin-us", args.spin_us, file.spin_us.as_ref()).unwrap_or(DEFAULT_SPIN_US);
         if spin_us > 1_000_000 {
-            return Err(invalid("spin-us", format!("{spin_us} is out of range: use 0..=1000000")));
+            return Err(m.invalid("spin-us", format!("{spin_us} is out of range: use 0..=1000000")));
         }
-        let tap = args.tap.clone().or(file.tap).unwrap_or_else(|| DEFAULT_TAP.into());
-        crate::agent::tap::validate_name(&tap).map_err(|e| invalid("tap", e.to_string()))?;
-        let mtu = args.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
+        let tap = m
+            .pick("tap", args.tap.clone(), file.tap.as_ref())
+            .unwrap_or_else(|| DEFAULT_TAP.into());
+        crate::agent::tap::validate_name(&tap).map_err(|e| m.invalid("tap", e.to_string()))?;
+        let mtu = m.pick("mtu", args.mtu, file.mtu.as_ref()).unwrap_or(DEFAULT_MTU);
         if !(68..=65521).contains(&mtu) {
-            return Err(invalid("mtu", format!("{mtu} is out of range: use 68..=65521")));
+            return Err(m.invalid("mtu", format!("{mtu} is out of range: use 68..=65521")));
         }
-        let mac = match (args.mac, file.mac) {
-            (Some(m), _) => Some(m),
-            (None, Some(s)) => Some(s.parse::<Mac>().map_err(|e| invalid("mac", e.to_string()))?),
-            (None, None) => None,
-        };
+        let mac = m.pick_parsed("mac", args.mac, file.mac.as_ref(), |s| {
+            s.parse::<Mac>().map_err(|e| e.to_string())
+        })?;
         let addresses = if !args.address.is_empty() {
+            m.record("address", Origin::Flag);
             args.address.clone()
         } else {
-            file.address
-                .unwrap_or_default()
-                .iter()
-                .map(|s| s.parse::<Cidr>().map_err(|m| invalid("address", m)))
-                .collect::<Result<_, _>>()?
+            match m.pick("address", None, file.address.as_ref()) {
+                Some(list) => list
+                    .iter()
+                    .map(|s| s.parse::<Cidr>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| m.invalid("address", e))?,
+                None => Vec::new(),
+            }
         };
-        let poll_us = args.poll_us.or(file.poll_us).unwrap_or(DEFAULT_POLL_US);
+        let poll_us =
+            m.pick("poll-us", args.poll_us, file.poll_us.as_ref()).unwrap_or(DEFAULT_POLL_US);
         if !(1..=1_000_000).contains(&poll_us) {
-            return Err(invalid("poll-us", format!("{poll_us} is out of range: use 1..=1000000")));
+            return Err(m.invalid("poll-us", format!("{poll_us} is out of range: use 1..=1000000")));
         }
-        let poll_idle_us = args.poll_idle_us.or(file.poll_idle_us).unwrap_or(DEFAULT_POLL_IDLE_US);
+        let poll_idle_us = m
+            .pick("poll-idle-us", args.poll_idle_us, file.poll_idle_us.as_ref())
+            .unwrap_or(DEFAULT_POLL_IDLE_US);
         if !(1..=1_000_000).contains(&poll_idle_us) {
-            return Err(invalid(
+            return Err(m.invalid(
                 "poll-idle-us",
                 format!("{poll_idle_us} is out of range: use 1..=1000000"),
             ));
         }
-        let timeout_ms =
-            args.link_timeout_ms.or(file.link_timeout_ms).unwrap_or(DEFAULT_LINK_TIMEOUT_MS);
+        let timeout_ms = m
+            .pick("link-timeout-ms", args.link_timeout_ms, file.link_timeout_ms.as_ref())
+            .unwrap_or(DEFAULT_LINK_TIMEOUT_MS);
         if !(50..=600_000).contains(&timeout_ms) {
-            return Err(invalid(
+            return Err(m.invalid(
                 "link-timeout-ms",
                 format!("{timeout_ms} is out of range: use 50..=600000"),
             ));
         }
-        let offload = match (args.offload, &file.offload) {
-            (Some(m), _) => m,
-            (None, Some(s)) => s.parse().map_err(|m| invalid("offload", m))?,
-            (None, None) => OffloadMode::default(),
-        };
+        let offload = m
+            .pick_parsed("offload", args.offload, file.offload.as_ref(), |s| s.parse())?
+            .unwrap_or_default();
+        let pin_macs = m
+            .pick("pin-macs", args.pin_macs.then_some(true), file.pin_macs.as_ref())
+            .unwrap_or(false);
         Ok(AgentConfig {
             offload,
-            pin_macs: args.pin_macs || file.pin_macs.unwrap_or(false),
+            pin_macs,
             backend,
             geometry,
-            peer_id: args.peer_id.or(file.peer_id),
+            peer_id,
             tap,
             mtu,
             mac,
@@ -534,7 +929,78 @@ impl AgentConfig {
             link_timeout: Duration::from_millis(timeout_ms),
             spin: Duration::from_micros(spin_us),
             create_mode,
+            origins: m.origins,
         })
+    }
+
+    /// Where `key`'s value came from.
+    pub fn origin(&self, key: &str) -> Origin {
+        self.origins.iter().find(|(k, _)| *k == key).map_or(Origin::Default, |(_, o)| o.clone())
+    }
+
+    /// The effective configuration as a configuration file, each key with where its value came
+    /// from (`ivnet agent --check-config` prints it).
+    pub fn to_toml(&self) -> String {
+        let q = |s: &str| format!("{s:?}");
+        let mut lines: Vec<(&str, String)> = Vec::new();
+        match &self.backend {
+            BackendChoice::File { path, size } => {
+                lines.push(("shm", q(&path.display().to_string())));
+                if let Some(s) = size {
+                    lines.push(("size", q(&ByteSize(*s).to_string())));
+                }
+            }
+            BackendChoice::Server { socket } => {
+                lines.push(("socket", q(&socket.display().to_string())));
+            }
+            BackendChoice::Pci { spec, bind } => {
+                let d = match spec {
+                    crate::backend::pci::DeviceSpec::Auto => "auto".to_string(),
+                    crate::backend::pci::DeviceSpec::Address(a) => a.clone(),
+                };
+                lines.push(("device", q(&d)));
+                lines.push(("bind", bind.to_string()));
+            }
+        }
+        if let Some(id) = self.peer_id {
+            lines.push(("peer-id", id.to_string()));
+        }
+        lines.push(("tap", q(&self.tap)));
+        lines.push(("mtu", self.mtu.to_string()));
+        if let Some(mac) = self.mac {
+            lines.push(("mac", q(&mac.to_string())));
+        }
+        let addrs: Vec<String> = self.addresses.iter().map(|a| q(&a.to_string())).collect();
+        lines.push(("address", format!("[{}]", addrs.join(", "))));
+        lines.push(("poll-us", self.poll.as_micros().to_string()));
+        lines.push(("poll-idle-us", self.poll_idle.as_micros().to_string()));
+        lines.push(("spin-us", self.spin.as_micros().to_string()));
+        lines.push(("link-timeout-ms", self.link_timeout.as_millis().to_string()));
+        lines.push(("offload", q(&self.offload.to_string())));
+        lines.push(("pin-macs", self.pin_macs.to_string()));
+        let g = &self.geometry;
+        for (key, v) in [
+            ("max-peers", g.max_peers),
+            ("slots", g.ring_slots),
+            ("slot-size", g.slot_size),
+            ("segment-mtu", g.mtu),
+        ] {
+            if let Some(v) = v {
+                lines.push((key, v.to_string()));
+            }
+        }
+        let mut out = String::new();
+        for (key, value) in lines {
+            let line = format!("{key} = {value}");
+            out.push_str(&format!("{line:<40} # {}\n", self.origin(key)));
+        }
+        if self.mac.is_none() {
+            out.push_str(
+                "# mac: derived from /etc/machine-id and the TAP name (the peer id's MAC if \
+                 another member has it)\n",
+            );
+        }
+        out
     }
 }
 
@@ -549,6 +1015,17 @@ mod tests {
         assert_eq!("1GiB".parse::<ByteSize>(), Ok(ByteSize(1 << 30)));
         assert!("12X".parse::<ByteSize>().is_err());
         assert!("M".parse::<ByteSize>().is_err());
+        let e = "64MB".parse::<ByteSize>().unwrap_err();
+        assert!(e.contains("ambiguous") && e.contains("64M"), "{e}");
+        assert!("1gb".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn test_sizes_print_in_their_shortest_exact_form() {
+        for (n, s) in [(64 << 20, "64M"), (1 << 30, "1G"), (1536 << 10, "1536K"), (1000, "1000")] {
+            assert_eq!(ByteSize(n).to_string(), s);
+            assert_eq!(s.parse::<ByteSize>(), Ok(ByteSize(n)));
+        }
     }
 
     #[test]
@@ -585,19 +1062,159 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Writes `text` to a scratch file; returns its path (removed by the caller's `Scratch`).
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str, text: &str) -> Scratch {
+            let p =
+                std::env::temp_dir().join(format!("ivnet-cfg-{}-{name}.toml", std::process::id()));
+            std::fs::write(&p, text).unwrap();
+            Scratch(p)
+        }
+
+        fn args(&self) -> AgentArgs {
+            AgentArgs { config: Some(self.0.clone()), ..Default::default() }
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
     #[test]
-    fn test_shipped_example_configuration_parses() {
-        let text = include_str!("../config/ivnet.toml");
-        let parsed: FileConfig = toml::from_str(text).expect("config/ivnet.toml must parse");
-        assert_eq!(parsed.device.as_deref(), Some("auto"));
-        let path = std::env::temp_dir().join(format!("ivnet-example-{}.toml", std::process::id()));
-        std::fs::write(&path, text).unwrap();
-        let c =
-            AgentConfig::from_args(&AgentArgs { config: Some(path.clone()), ..Default::default() });
-        std::fs::remove_file(&path).unwrap();
-        let c = c.unwrap();
+    fn test_shipped_example_configurations_parse() {
+        let guest = Scratch::new("guest", include_str!("../config/ivnet.toml"));
+        let c = AgentConfig::from_args(&guest.args()).expect("config/ivnet.toml is valid");
         assert!(matches!(c.backend, BackendChoice::Pci { bind: true, .. }));
         assert_eq!((c.tap.as_str(), c.mtu), ("tap-shm", 1500));
+        assert!(
+            matches!(c.origin("device"), Origin::File { line: 9, .. }),
+            "{:?}",
+            c.origin("device")
+        );
+        let host = Scratch::new("host", include_str!("../config/ivnet-host.toml"));
+        let c = AgentConfig::from_args(&host.args()).expect("config/ivnet-host.toml is valid");
+        assert_eq!(c.backend, BackendChoice::Server { socket: "/run/ivnet/ivnet.sock".into() });
+    }
+
+    #[test]
+    fn test_unknown_keys_are_named_with_their_line_and_the_keys_allowed() {
+        let f = Scratch::new("unknown", "shm = \"/dev/shm/x\"\n\n  tapp = \"x\"\n");
+        let e = AgentConfig::from_args(&f.args()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(&e, ConfigError::InFile { line: 3, key, .. } if key == "tapp"), "{msg}");
+        for k in FILE_KEYS {
+            assert!(msg.contains(k), "{msg} does not list {k}");
+        }
+    }
+
+    #[test]
+    fn test_bad_values_in_the_file_name_key_and_line() {
+        for (text, key, line) in [
+            ("shm = \"/x\"\nmtu = 70000\n", "mtu", 2),
+            ("shm = \"/x\"\n\nmtu = \"big\"\n", "mtu", 3),
+            ("address = [\"10.0.0.1\"]\nshm = \"/x\"\n", "address", 1),
+            ("shm = \"/x\"\nsize = \"64MB\"\n", "size", 2),
+            ("shm = \"/x\"\nmac = \"01:00:5e:00:00:01\"\n", "mac", 2),
+            ("shm = \"/x\"\noffload = \"maybe\"\n", "offload", 2),
+            ("shm = \"/x\"\ntap = \"a-name-longer-than-15\"\n", "tap", 2),
+            ("shm = \"/x\"\nlink-timeout-ms = 1\n", "link-timeout-ms", 2),
+        ] {
+            let f = Scratch::new("value", text);
+            let e = AgentConfig::from_args(&f.args()).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::InFile { line: l, key: k, .. } if *l == line && k == key),
+                "{text:?}: {e}"
+            );
+            assert!(e.to_string().contains(&format!("line {line}: {key}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn test_the_file_gives_exactly_one_backend_and_its_own_keys() {
+        for (text, key, what) in [
+            ("shm = \"/x\"\ndevice = \"auto\"\n", "device", "conflicts with shm (line 1)"),
+            ("socket = \"/s\"\nshm = \"/x\"\n", "shm", "exactly one of shm, socket and device"),
+            ("socket = \"/s\"\nsize = \"64M\"\n", "size", "only used with shm"),
+            ("shm = \"/x\"\nbind = true\n", "bind", "only used with device"),
+            ("device = \"auto\"\npeer-id = 2\n", "peer-id", "assigned"),
+        ] {
+            let f = Scratch::new("conflict", text);
+            let e = AgentConfig::from_args(&f.args()).unwrap_err();
+            assert!(matches!(&e, ConfigError::InFile { key: k, .. } if k == key), "{text:?}: {e}");
+            assert!(e.to_string().contains(what), "{text:?}: {e}");
+        }
+        // Flags: a backend flag replaces the file's, with the file's keys of that backend; the
+        // flags' own keys must fit it.
+        let f = Scratch::new("replace", "device = \"auto\"\nbind = true\n");
+        let c =
+            AgentConfig::from_args(&AgentArgs { socket: Some("/s".into()), ..f.args() }).unwrap();
+        assert_eq!(c.backend, BackendChoice::Server { socket: "/s".into() });
+        let f = Scratch::new("replace1", "shm = \"/x\"\nsize = \"16M\"\npeer-id = 3\n");
+        let args = AgentArgs {
+            region: RegionArgs { shm: Some("/y".into()), ..Default::default() },
+            ..f.args()
+        };
+        let c = AgentConfig::from_args(&args).unwrap();
+        assert_eq!(c.backend, BackendChoice::File { path: "/y".into(), size: Some(16 << 20) });
+        assert_eq!(c.peer_id, Some(3));
+        let f = Scratch::new("replace2", "device = \"auto\"\nmtu = 9000\n");
+        let c =
+            AgentConfig::from_args(&AgentArgs { socket: Some("/s".into()), ..f.args() }).unwrap();
+        assert_eq!((c.backend, c.mtu), (BackendChoice::Server { socket: "/s".into() }, 9000));
+        let e = AgentConfig::from_args(&AgentArgs {
+            socket: Some("/s".into()),
+            region: RegionArgs { size: Some(ByteSize(1 << 26)), ..Default::default() },
+            config: Some("/dev/null".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().starts_with("size: only used with shm"), "{e}");
+    }
+
+    #[test]
+    fn test_effective_configuration_reads_back_as_the_same() {
+        let f = Scratch::new(
+            "effective",
+            "shm = \"/dev/shm/x\"\nsize = \"16M\"\nmtu = 9000\naddress = [\"10.1.0.1/24\"]\n",
+        );
+        let args = AgentArgs { tap: Some("from-flag".into()), pin_macs: true, ..f.args() };
+        let c = AgentConfig::from_args(&args).unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("mtu = 9000") && text.contains("line 3"), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("tap = ") && l.ends_with("# flag")), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("poll-us") && l.ends_with("# default")));
+        let again = Scratch::new("again", &text);
+        let d = AgentConfig::from_args(&again.args()).expect("the effective configuration parses");
+        assert_eq!(
+            format!("{:?}", (&c.backend, &c.tap, c.mtu, &c.addresses, c.poll, c.pin_macs)),
+            format!("{:?}", (&d.backend, &d.tap, d.mtu, &d.addresses, d.poll, d.pin_macs))
+        );
+    }
+
+    #[test]
+    fn test_server_sizes_must_be_powers_of_two() {
+        let args = |size: Option<u64>, vectors: u32| ServerArgs {
+            socket: "/run/ivnet/ivnet.sock".into(),
+            region: RegionArgs {
+                shm: Some("/dev/shm/x".into()),
+                size: size.map(ByteSize),
+                ..Default::default()
+            },
+            vectors,
+            check_config: false,
+            handshake_timeout_ms: None,
+            max_clients: None,
+            max_clients_per_uid: None,
+        };
+        assert_eq!(args(None, 2).to_config().unwrap().size, Some(DEFAULT_SERVER_SIZE));
+        let e = args(Some(48 << 20), 2).to_config().unwrap_err().to_string();
+        assert!(e.contains("48M is not a power of two") && e.contains("32M or 64M"), "{e}");
+        let e = args(None, 0).to_config().unwrap_err().to_string();
+        assert!(e.starts_with("vectors: 0 is out of range"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod doorbell;
 pub mod mac;
@@ -17,3 +18,7 @@ pub mod server;
 pub mod stack;
 pub mod status;
 pub mod sys;
+
+/// Log target of the few lines shown at the default log level besides warnings: the one line
+/// each long-running command prints when it is up (the agent joined, the server listens).
+pub const NOTICE: &str = "ivnet::notice";

@@ -5,11 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ivnet::backend;
+use ivnet::backend::pci::PciError;
 use ivnet::backend::server_client::ServerSession;
-use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, ServerArgs};
+use ivnet::backend::PciBackendError;
+use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, Origin, ServerArgs};
 use ivnet::status::Status;
 
 /// An Ethernet segment between VMs and processes on one host, carried in shared memory.
@@ -37,7 +39,7 @@ enum Command {
     /// creates the region, assigns peer ids and hands out eventfds (QEMU's ivshmem-server
     /// protocol). Runs in the foreground.
     ///
-    /// Example: ivnet server --socket /run/ivnet.sock --shm /dev/shm/ivnet --size 64M
+    /// Example: ivnet server --socket /run/ivnet/ivnet.sock --shm /dev/shm/ivnet --size 64M
     Server(ServerArgs),
     /// Be a host on a segment without privileges or a TAP (smoltcp): ping, echo servers, TCP
     /// throughput tests, and forwarding a host port to a service on the segment. The common
@@ -62,10 +64,11 @@ enum Command {
 
 fn init_logging(verbose: u8) {
     let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+        // Warnings, and the one line that says the agent or server is up.
+        0 => format!("warn,{}=info", ivnet::NOTICE),
+        1 => "info".into(),
+        2 => "debug".into(),
+        _ => "trace".into(),
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
@@ -76,6 +79,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
             let cfg = AgentConfig::from_args(&args)?;
+            if args.check_config {
+                return report_check("agent", &cfg.to_toml(), &ivnet::check::agent(&cfg));
+            }
             match &cfg.backend {
                 BackendChoice::File { path, size } => {
                     let attached =
@@ -87,7 +93,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 BackendChoice::Pci { spec, bind } => {
-                    let m = backend::open_pci(spec, *bind, &cfg.geometry, cfg.spin)?;
+                    let m =
+                        backend::open_pci(spec, *bind, &cfg.geometry, cfg.spin).map_err(|e| {
+                            // The VM's configuration file used on a host: say where the choice is.
+                            match (&e, cfg.origin("device")) {
+                                (
+                                    PciBackendError::Pci(PciError::NotFound),
+                                    Origin::File { path, line },
+                                ) => anyhow::Error::new(e).context(format!(
+                                    "{} line {line} chooses the ivshmem device (device = ...), \
+                                     which exists only in a VM: on a host give --socket PATH or \
+                                     --shm PATH (either replaces it), or use a host configuration",
+                                    path.display()
+                                )),
+                                _ => e.into(),
+                            }
+                        })?;
                     log::info!("using the ivshmem device through {}", m.backend);
                     ivnet::agent::run(m.region, &cfg, m.assigned_id, m.wakeups)?;
                 }
@@ -101,6 +122,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Server(args) => {
             let cfg = args.to_config()?;
+            if args.check_config {
+                return report_check("server", &args.to_toml(&cfg), &ivnet::check::server(&cfg));
+            }
             ivnet::server::Server::bind(cfg)?.run()?;
             Ok(())
         }
@@ -128,8 +152,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `--check-config`: the effective configuration and the findings on stdout (as a TOML file
+/// with comments); an error if there are problems.
+fn report_check(what: &str, config: &str, findings: &ivnet::check::Findings) -> anyhow::Result<()> {
+    println!("# ivnet {what} --check-config: the effective configuration (a flag wins over the");
+    println!("# configuration file, the file over the default), then what the checks found.");
+    print!("{config}{}", findings.to_comments());
+    match findings.problems.len() {
+        0 => {
+            println!("# no problems found");
+            Ok(())
+        }
+        n => anyhow::bail!(
+            "{n} problem{} found (the `# problem:` lines above)",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+/// `ivnet stack ping 10.0.0.1 --ip ...`: clap would suggest `-- --ip`; the fix is to move the
+/// option before the tool. Returns that error if `err` is this case.
+fn misplaced_stack_option(err: &clap::Error, argv: &[String]) -> Option<clap::Error> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else { return None };
+    let name = arg.split('=').next().unwrap_or(arg);
+    let mut cmd = Cli::command();
+    cmd.build();
+    let stack = cmd.find_subcommand_mut("stack")?;
+    let is_stack_option = stack.get_arguments().any(|a| {
+        a.get_long().is_some_and(|l| name.strip_prefix("--") == Some(l))
+            || a.get_short()
+                .is_some_and(|c| name.len() == 2 && name.strip_prefix('-') == Some(&c.to_string()))
+    });
+    let at = argv.iter().position(|a| a == "stack")?;
+    let tools: Vec<String> = stack.get_subcommands().map(|t| t.get_name().to_string()).collect();
+    let tool = argv[at + 1..].iter().find(|a| tools.contains(a))?;
+    if !is_stack_option {
+        return None;
+    }
+    Some(stack.error(
+        ErrorKind::UnknownArgument,
+        format!(
+            "{name} is an option of `ivnet stack`, not of its tool `{tool}`: put the options \
+             before the tool, e.g. `ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.9/24 {tool} ...`"
+        ),
+    ))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => match misplaced_stack_option(&e, &argv) {
+            Some(better) => better.exit(),
+            None => e.exit(),
+        },
+    };
     init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 pub mod datapath;
 pub mod frame;
 pub mod link;
+mod service;
 pub mod switch;
 pub mod tap;
 
@@ -22,11 +23,11 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::config::AgentConfig;
 use crate::doorbell::{NoDoorbells, Notifier, Wakeups, VECTOR_LINK};
-use crate::mac::Mac;
 use crate::region::{PeerKind, PeerState, Region};
 use crate::sys::{SignalFd, TimerFd};
 use datapath::{Datapath, DatapathError, DatapathOptions};
 use link::{Claim, ClaimError};
+use service::ServiceNotifier;
 use tap::{Tap, TapError};
 
 /// Why the agent could not start or stopped with an error.
@@ -112,7 +113,16 @@ pub fn run(
         None => link::claim(&region, cfg.peer_id, cfg.link_timeout)?,
     };
     let mut guard = ClaimGuard { region: &region, claim, armed: true };
-    let mac = cfg.mac.unwrap_or_else(|| Mac::for_peer(claim.id));
+    let mac = match cfg.mac {
+        Some(m) => m,
+        None => {
+            let features = tap::FrameIo::offloads(&tap).unwrap_or_default().bits();
+            let (m, why) =
+                crate::mac::default_for_member(&region, claim.id, &cfg.tap, cfg.mtu, features);
+            log::info!("MAC {m} {why}");
+            m
+        }
+    };
     tap.set_mac(mac.0)?;
     tap.set_mtu(cfg.mtu)?;
     for a in &cfg.addresses {
@@ -131,7 +141,8 @@ pub fn run(
     let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
     guard.armed = false;
     log::info!(
-        "joined {} as peer {} (incarnation {}): {} MAC {} MTU {} offloads {}{}",
+        target: crate::NOTICE,
+        "joined {} as peer {} (incarnation {}): {} up, MAC {} MTU {} offloads {}{}",
         region.name(),
         claim.id,
         claim.incarnation,
@@ -141,7 +152,9 @@ pub fn run(
         offloads.map_or_else(|| "off".to_string(), |f| f.to_string()),
         cfg.addresses.iter().map(|a| format!(" {a}")).collect::<String>()
     );
-    let result = event_loop(&mut dp, tap_fd, &signals, cfg, &mut wakeups);
+    let who = format!("peer {} on {} ({tap_name})", claim.id, region.name());
+    let result = event_loop(&mut dp, tap_fd, &signals, cfg, &mut wakeups, &who);
+    crate::sys::sd::stopping(&format!("{who}: leaving"));
     dp.leave();
     if let Some(w) = wakeups.as_mut() {
         dp.announce_link_change(w.notifier.as_mut());
@@ -159,6 +172,7 @@ fn event_loop(
     signals: &SignalFd,
     cfg: &AgentConfig,
     wakeups: &mut Option<Wakeups>,
+    who: &str,
 ) -> Result<(), AgentError> {
     use std::os::fd::AsRawFd;
     let mut poll = Poll::new().map_err(evloop("epoll"))?;
@@ -195,7 +209,8 @@ fn event_loop(
         // Tell everyone to look at the peer table now rather than at their next heartbeat.
         dp.announce_link_change(w.notifier.as_mut());
     }
-    crate::sys::sd_notify_ready(&format!("peer {}", dp.claim().id));
+    // systemd: READY=1, STATUS= with the peers up, WATCHDOG=1 (see service.rs).
+    let mut service = ServiceNotifier::ready(who.to_string(), dp.links(), Instant::now());
     let mut events = Events::with_capacity(64);
     let mut left = Vec::with_capacity(8);
     let mut last_work = Instant::now();
@@ -208,6 +223,7 @@ fn event_loop(
             None => &mut no_doorbells,
         };
         let next_hk = dp.housekeeping(now)?;
+        service.tick(dp.links(), now);
         let work = dp.tx(now) + dp.rx(now, notifier);
         dp.publish(notifier);
         if work > 0 {
@@ -257,6 +273,11 @@ fn event_loop(
             }
         } else {
             Some(next_hk.saturating_duration_since(now))
+        };
+        // Sleep no longer than the next watchdog ping.
+        let timeout = match service.wake_by() {
+            Some(by) => timeout.map(|t| t.min(by.saturating_duration_since(now))),
+            None => timeout,
         };
         match poll.poll(&mut events, timeout) {
             Ok(()) => {}

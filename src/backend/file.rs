@@ -93,6 +93,14 @@ pub enum FileBackendError {
     /// The contents are not a usable region.
     #[error(transparent)]
     Region(#[from] RegionError),
+    /// What `status` was given is not a region file (empty, too short, not a regular file).
+    #[error("{path} is not an ivnet region: {why}")]
+    NotARegion {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        why: String,
+    },
 }
 
 /// Mode and group of a region file (or socket) that ivnet creates. The default, 0600 with the
@@ -434,12 +442,27 @@ fn is_blank(file: &File, len: u64) -> bool {
 pub fn open_read_only(path: &Path) -> Result<Region, FileBackendError> {
     let file =
         File::open(path).map_err(|source| FileBackendError::Open { path: path.into(), source })?;
-    let len = file
-        .metadata()
-        .map_err(|source| FileBackendError::Open { path: path.into(), source })?
-        .len();
+    let meta =
+        file.metadata().map_err(|source| FileBackendError::Open { path: path.into(), source })?;
+    // Say what it is, as opening it for writing (the agent) would; suggest nothing `status`
+    // cannot do (it has no --size).
+    let not_a_region = |why: String| FileBackendError::NotARegion { path: path.into(), why };
+    if meta.is_dir() {
+        let source = io::Error::from_raw_os_error(libc::EISDIR);
+        return Err(FileBackendError::Open { path: path.into(), source });
+    }
+    if !meta.is_file() {
+        return Err(not_a_region("it is not a regular file".into()));
+    }
+    let len = meta.len();
     if len == 0 {
-        return Err(FileBackendError::Empty { path: path.into() });
+        return Err(not_a_region("it is empty (no member has created the region in it)".into()));
+    }
+    let header = crate::region::layout::HEADER_SIZE as u64;
+    if len < header {
+        return Err(not_a_region(format!(
+            "it has {len} bytes, fewer than a region's header ({header})"
+        )));
     }
     let map = memmap2::MmapOptions::new()
         .map_raw_read_only(&file)

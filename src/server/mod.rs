@@ -52,8 +52,9 @@ pub enum ServerError {
     StoredRegion(#[source] RegionError),
     /// QEMU maps the region as a PCI BAR, whose size must be a power of two.
     #[error(
-        "region {path} is {size} bytes: QEMU's ivshmem needs a power-of-two size (e.g. 16M, 64M); \
-         recreate it with --size"
+        "region file {path} exists with {size} bytes, not a power of two as QEMU's ivshmem needs; \
+         --size cannot change an existing file: remove it once no member uses it (or serve \
+         another --shm)"
     )]
     NotPowerOfTwo {
         /// Region file.
@@ -400,6 +401,7 @@ impl Server {
         let next_id = highest.map_or(0, |h| (h + 1) % (MAX_PEER_ID + 1));
         let (max_clients, per_uid) = client_limits(&cfg, g.max_peers);
         log::info!(
+            target: crate::NOTICE,
             "serving {} ({} bytes, {} peer slots) on {} with {} vectors per peer; doorbell ids \
              from {next_id}; at most {max_clients} clients, {per_uid} per uid (uid 0 unlimited), \
              {:?} to read the setup",

@@ -13,6 +13,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use super::echo::{EchoClientOptions, EchoOptions};
 use super::forward::ForwardOptions;
 use super::ping::PingOptions;
+use super::transfer::{Amount, ReportOptions};
 use super::{Stack, StackBackend, StackConfig, StackError};
 use crate::config::{ByteSize, Cidr, RegionArgs};
 use crate::mac::Mac;
@@ -37,7 +38,7 @@ pub struct StackArgs {
     /// Default gateway (one IPv4 and/or one IPv6), inside an --ip subnet.
     #[arg(long, value_name = "ADDR")]
     pub gateway: Vec<IpAddr>,
-    /// MAC address. Default: 02:69:76:6e:HH:LL from the peer id (stable), as for the agent.
+    /// MAC address. Default: 02:69:76:6e:HH:LL from the peer id.
     #[arg(long, value_name = "MAC")]
     pub mac: Option<Mac>,
     /// IP MTU (576..=65521, at least 1280 with IPv6, at most the segment MTU). Default 1500.
@@ -133,22 +134,34 @@ pub enum StackCommand {
         #[arg(short = 'W', long = "timeout", value_name = "SECS", default_value_t = 1.0)]
         wait: f64,
     },
-    /// Throughput test, sending side: connect to ADDR:PORT and send N pseudo-random bytes;
-    /// prints bytes, seconds, Gbit/s and the stream's SHA-256.
+    /// Throughput test, sending side: connect to ADDR:PORT and send N pseudo-random bytes, or
+    /// send for -t SECONDS; like iperf3, prints a line per second (bytes and Gbit/s in it),
+    /// then bytes, seconds, Gbit/s and the stream's SHA-256 (or one JSON object with --json).
     ///
-    /// Example: ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.3/24 send 10.0.0.2:5001 --bytes 1G
+    /// Example: ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.3/24 send 10.0.0.2:5001 -t 10
+    #[command(group(ArgGroup::new("amount").required(true).args(["bytes", "time"])))]
     Send {
         /// Where to send, ADDR:PORT.
         target: SocketAddr,
         /// How many bytes (e.g. 64M, 1G).
         #[arg(long, value_name = "N")]
-        bytes: ByteSize,
+        bytes: Option<ByteSize>,
+        /// Send for this many seconds instead of a number of bytes.
+        #[arg(short = 't', long, value_name = "SECS")]
+        time: Option<f64>,
         /// Seed of the pseudo-random stream.
         #[arg(long, value_name = "N", default_value_t = 1)]
         seed: u64,
+        /// Seconds between interval lines (0: none, only the result).
+        #[arg(short = 'i', long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Print one JSON object (bytes, seconds, Gbit/s, SHA-256, intervals) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Throughput test, receiving side: accept a TCP stream on PORT and read it to the end;
-    /// prints bytes, seconds, Gbit/s and the stream's SHA-256.
+    /// like iperf3, prints a line per second, then bytes, seconds, Gbit/s and the stream's
+    /// SHA-256 (or one JSON object per stream with --json).
     ///
     /// Example: ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.2/24 recv --tcp 5001
     Recv {
@@ -158,6 +171,13 @@ pub enum StackCommand {
         /// Streams to receive, one after the other, before exiting.
         #[arg(long, value_name = "N", default_value_t = 1)]
         connections: u32,
+        /// Seconds between interval lines (0: none, only the result).
+        #[arg(short = 'i', long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Print one JSON object per stream (bytes, seconds, Gbit/s, SHA-256, intervals)
+        /// instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Accept connections on a host socket (e.g. 127.0.0.1:2222) and relay each to TARGET on
     /// the segment over TCP, many at once, until SIGINT or SIGTERM. Port 0 picks a free port;
@@ -259,6 +279,11 @@ impl StackArgs {
     }
 }
 
+fn report_options(interval: f64, json: bool) -> Result<ReportOptions, StackError> {
+    let every = seconds("-i", interval)?;
+    Ok(ReportOptions { interval: (!every.is_zero()).then_some(every), json })
+}
+
 /// Checks a subcommand's own options before the segment is joined.
 fn check_command(cmd: &StackCommand, mtu: u32) -> Result<(), StackError> {
     match cmd {
@@ -300,15 +325,22 @@ fn check_command(cmd: &StackCommand, mtu: u32) -> Result<(), StackError> {
                 ));
             }
         }
-        StackCommand::Send { target, .. } => {
+        StackCommand::Send { target, time, interval, .. } => {
             if target.port() == 0 {
                 return Err(invalid("send", "port 0 is not a usable port"));
             }
+            if let Some(t) = time {
+                if !(t.is_finite() && *t > 0.0) {
+                    return Err(invalid("send -t", format!("{t} is not a number of seconds > 0")));
+                }
+            }
+            seconds("send -i", *interval)?;
         }
-        StackCommand::Recv { tcp, connections } => {
+        StackCommand::Recv { tcp, connections, interval, .. } => {
             if *tcp == 0 || *connections == 0 {
                 return Err(invalid("recv", "the port and --connections must be at least 1"));
             }
+            seconds("recv -i", *interval)?;
         }
         StackCommand::Forward { target, max_connections, .. } => {
             if target.port() == 0 {
@@ -354,11 +386,26 @@ pub fn run(args: &StackArgs) -> Result<(), StackError> {
             };
             super::echo::client(&mut stack, *target, opts, connect_timeout, &mut out)
         }
-        StackCommand::Send { target, bytes, seed } => {
-            super::transfer::send(&mut stack, *target, bytes.0, *seed, connect_timeout, &mut out)
+        StackCommand::Send { target, bytes, time, seed, interval, json } => {
+            let amount = match (bytes, time) {
+                (Some(b), _) => Amount::Bytes(b.0),
+                (None, Some(t)) => Amount::Time(seconds("send -t", *t)?),
+                (None, None) => return Err(invalid("send", "give --bytes N or -t SECONDS")),
+            };
+            let report = report_options(*interval, *json)?;
+            super::transfer::send(
+                &mut stack,
+                *target,
+                amount,
+                *seed,
+                connect_timeout,
+                report,
+                &mut out,
+            )
         }
-        StackCommand::Recv { tcp, connections } => {
-            super::transfer::recv(&mut stack, *tcp, *connections, &mut out)
+        StackCommand::Recv { tcp, connections, interval, json } => {
+            let report = report_options(*interval, *json)?;
+            super::transfer::recv(&mut stack, *tcp, *connections, report, &mut out)
         }
         StackCommand::Forward { listen, target, max_connections } => {
             let opts = ForwardOptions {

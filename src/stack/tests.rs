@@ -64,7 +64,8 @@ fn test_two_stacks_ping_and_tcp_through_a_small_ring() {
     let r = region(req, 0);
     let server = peer(&r, cfg("10.1.0.1/24"), |stack| {
         let mut out = Vec::new();
-        transfer::recv(stack, 5001, 1, &mut out).map(|()| text(&out))
+        let report = transfer::ReportOptions::default();
+        transfer::recv(stack, 5001, 1, report, &mut out).map(|()| text(&out))
     });
     let client = peer(&r, cfg("10.1.0.2/24"), |stack| {
         let mut out = Vec::new();
@@ -76,7 +77,8 @@ fn test_two_stacks_ping_and_tcp_through_a_small_ring() {
         };
         ping::ping(stack, "10.1.0.1".parse().expect("IP"), opts, &mut out)?;
         let target: SocketAddr = "10.1.0.1:5001".parse().expect("socket address");
-        transfer::send(stack, target, 8 << 20, 99, Duration::from_secs(10), &mut out)?;
+        let (amount, report) = (transfer::Amount::Bytes(8 << 20), Default::default());
+        transfer::send(stack, target, amount, 99, Duration::from_secs(10), report, &mut out)?;
         Ok::<_, StackError>((text(&out), stack.device.stats()))
     });
     let (sent, stats) = client.join().expect("client thread").expect("ping and send work");

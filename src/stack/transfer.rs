@@ -1,7 +1,9 @@
 //! `send` and `recv`: a TCP throughput test over smoltcp. The sender generates a pseudo-random
-//! stream straight into smoltcp's send buffer, the receiver hashes straight out of its receive
-//! buffer; both print the stream's SHA-256, bytes, seconds and Gbit/s, so the two ends (or a
-//! kernel peer computing the same) can be compared.
+//! stream straight into smoltcp's send buffer (a number of bytes, or for a number of seconds),
+//! the receiver hashes straight out of its receive buffer; like iperf3 both print a line per
+//! interval (bytes and Gbit/s in that second), then the stream's SHA-256, bytes, seconds and
+//! Gbit/s, so the two ends (or a kernel peer computing the same) can be compared. With `--json`
+//! they print one JSON object per stream instead, intervals included.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -64,24 +66,148 @@ pub(crate) fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The result line both ends print: `<verb> N bytes in S s (G Gbit/s) sha256=HEX`.
-fn report(
-    out: &mut dyn Write,
-    verb: &str,
-    peer: SocketAddr,
+/// How much `send` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amount {
+    /// This many bytes.
+    Bytes(u64),
+    /// As much as it can for this long.
+    Time(Duration),
+}
+
+/// How `send` and `recv` report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReportOptions {
+    /// A line per interval of this length while the stream runs (None: only the result).
+    pub interval: Option<Duration>,
+    /// One JSON object per stream instead of text lines.
+    pub json: bool,
+}
+
+/// One interval of a stream, seconds since its start.
+#[derive(Debug, Clone, Copy)]
+struct Interval {
+    start: f64,
+    end: f64,
     bytes: u64,
-    secs: f64,
-    sha: &[u8],
-) -> Result<(), StackError> {
-    let gbit = if secs > 0.0 { bytes as f64 * 8.0 / secs / 1e9 } else { 0.0 };
-    writeln!(
-        out,
-        "{verb} {bytes} bytes {} {peer} in {secs:.3} s ({gbit:.3} Gbit/s) sha256={}",
-        if verb == "sent" { "to" } else { "from" },
-        hex(sha)
-    )
-    .and_then(|()| out.flush())
-    .map_err(StackError::Output)
+}
+
+fn gbit(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 * 8.0 / secs / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// Counts a stream's bytes per interval and prints the interval lines (text mode) as they end.
+struct Meter {
+    opts: ReportOptions,
+    start: Instant,
+    next: Option<Instant>,
+    mark: (Instant, u64),
+    intervals: Vec<Interval>,
+}
+
+impl Meter {
+    fn new(start: Instant, opts: ReportOptions) -> Meter {
+        Meter {
+            opts,
+            start,
+            next: opts.interval.map(|i| start + i),
+            mark: (start, 0),
+            intervals: Vec::new(),
+        }
+    }
+
+    /// Closes every interval that ended by `now` (`bytes`: the stream's total so far).
+    fn tick(&mut self, now: Instant, bytes: u64, out: &mut dyn Write) -> Result<(), StackError> {
+        let Some(len) = self.opts.interval else { return Ok(()) };
+        while let Some(next) = self.next.filter(|&n| now >= n) {
+            self.close(next, bytes, out)?;
+            self.next = Some(next + len);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, end: Instant, bytes: u64, out: &mut dyn Write) -> Result<(), StackError> {
+        let (from, from_bytes) = self.mark;
+        let iv = Interval {
+            start: from.duration_since(self.start).as_secs_f64(),
+            end: end.duration_since(self.start).as_secs_f64(),
+            bytes: bytes - from_bytes,
+        };
+        self.mark = (end, bytes);
+        self.intervals.push(iv);
+        if !self.opts.json {
+            writeln!(
+                out,
+                "[{:6.2}-{:6.2} s] {:>12} bytes {:8.3} Gbit/s",
+                iv.start,
+                iv.end,
+                iv.bytes,
+                gbit(iv.bytes, iv.end - iv.start)
+            )
+            .and_then(|()| out.flush())
+            .map_err(StackError::Output)?;
+        }
+        Ok(())
+    }
+
+    /// How long until the next interval ends (so a waiting loop wakes for it).
+    fn wake_in(&self, now: Instant) -> Option<Duration> {
+        self.next.map(|n| n.saturating_duration_since(now))
+    }
+
+    /// Closes the last, partial interval and prints the result: the text line both ends print,
+    /// `<verb> N bytes to|from PEER in S s (G Gbit/s) sha256=HEX`, or one JSON object.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        mut self,
+        end: Instant,
+        out: &mut dyn Write,
+        verb: &str,
+        peer: SocketAddr,
+        bytes: u64,
+        secs: f64,
+        sha: &[u8],
+    ) -> Result<(), StackError> {
+        if self.opts.interval.is_some() && (bytes > self.mark.1 || self.intervals.is_empty()) {
+            self.close(end.max(self.mark.0), bytes, out)?;
+        }
+        let rate = gbit(bytes, secs);
+        let line = if self.opts.json {
+            let intervals: Vec<serde_json::Value> = self
+                .intervals
+                .iter()
+                .map(|iv| {
+                    serde_json::json!({
+                        "start": iv.start,
+                        "end": iv.end,
+                        "bytes": iv.bytes,
+                        "gbit_per_s": gbit(iv.bytes, iv.end - iv.start),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "direction": verb,
+                "peer": peer.to_string(),
+                "bytes": bytes,
+                "seconds": secs,
+                "gbit_per_s": rate,
+                "sha256": hex(sha),
+                "intervals": intervals,
+            })
+            .to_string()
+        } else {
+            format!(
+                "{verb} {bytes} bytes {} {peer} in {secs:.3} s ({rate:.3} Gbit/s) sha256={}",
+                if verb == "sent" { "to" } else { "from" },
+                hex(sha)
+            )
+        };
+        writeln!(out, "{line}").and_then(|()| out.flush()).map_err(StackError::Output)
+    }
 }
 
 fn endpoint_addr(e: IpEndpoint) -> SocketAddr {
@@ -129,25 +255,35 @@ pub(crate) fn connect(
     })
 }
 
-/// `send ADDR:PORT --bytes N`: sends `bytes` pseudo-random bytes from `seed`, then closes and
-/// waits until everything is acknowledged.
+/// `send ADDR:PORT --bytes N` (or `-t SECONDS`): sends pseudo-random bytes from `seed`, then
+/// closes and waits until everything is acknowledged.
 pub(crate) fn send(
     stack: &mut Stack,
     target: SocketAddr,
-    bytes: u64,
+    amount: Amount,
     seed: u64,
     connect_timeout: Duration,
+    report: ReportOptions,
     out: &mut dyn Write,
 ) -> Result<(), StackError> {
     let handle = connect(stack, target, connect_timeout, true)?;
     let start = Instant::now();
+    let mut meter = Meter::new(start, report);
     let mut rng = PseudoRandom::new(seed);
     let mut hasher = Sha256::new();
-    let mut left = bytes;
+    let (mut left, until) = match amount {
+        Amount::Bytes(n) => (n, None),
+        Amount::Time(t) => (u64::MAX, Some(start + t)),
+    };
+    let mut written = 0u64;
     let mut closed = false;
     let mut acked = 0u64;
     let mut last_progress = start;
     let done = stack.run(|stack| {
+        let now = Instant::now();
+        if until.is_some_and(|u| now >= u) {
+            left = 0; // time is up: send nothing more
+        }
         let s = stack.sockets.get_mut::<tcp::Socket>(handle);
         let mut budget = STEP_BYTES;
         while left > 0 && budget > 0 && s.can_send() {
@@ -163,33 +299,39 @@ pub(crate) fn send(
                 break;
             }
             left -= n as u64;
+            written += n as u64;
             budget -= n;
         }
         if left == 0 && !closed {
             s.close();
             closed = true;
         }
-        let now_acked = bytes - left - s.send_queue() as u64;
-        let now = Instant::now();
+        let now_acked = written - s.send_queue() as u64;
         if now_acked != acked {
             acked = now_acked;
             last_progress = now;
         }
-        match s.state() {
-            State::FinWait2 | State::TimeWait if closed && s.send_queue() == 0 => {
-                Ok(Step::Done(now))
-            }
+        let state = s.state();
+        let queued = s.send_queue();
+        meter.tick(now, written, out)?;
+        let wake = |d: Duration| Some(meter.wake_in(now).map_or(d, |w| w.min(d)));
+        let wake = match until.filter(|_| !closed) {
+            Some(u) => wake(u.saturating_duration_since(now).min(STALL_TIMEOUT)),
+            None => wake(STALL_TIMEOUT),
+        };
+        match state {
+            State::FinWait2 | State::TimeWait if closed && queued == 0 => Ok(Step::Done(now)),
             State::Closed | State::TimeWait | State::Closing | State::LastAck if !closed => {
                 Err(StackError::ConnectionLost { peer: target, bytes: acked })
             }
             State::Closed => Err(StackError::ConnectionLost { peer: target, bytes: acked }),
             _ if now.duration_since(last_progress) > STALL_TIMEOUT => Err(StackError::Stalled {
-                what: format!("sending to {target} ({acked} of {bytes} bytes acknowledged)"),
+                what: format!("sending to {target} ({acked} of {written} bytes acknowledged)"),
                 after: STALL_TIMEOUT,
             }),
             // Out of budget with room left: come back right after the rings are serviced.
             _ if budget == 0 && left > 0 => Ok(Step::Continue(Some(Duration::ZERO))),
-            _ => Ok(Step::Continue(Some(STALL_TIMEOUT))),
+            _ => Ok(Step::Continue(wake)),
         }
     });
     let end = match done {
@@ -204,7 +346,7 @@ pub(crate) fn send(
         }
     };
     let secs = end.duration_since(start).as_secs_f64();
-    report(out, "sent", target, bytes, secs, &hasher.finalize())
+    meter.finish(end, out, "sent", target, written, secs, &hasher.finalize())
 }
 
 /// `recv --tcp PORT`: accepts `connections` streams one after the other, hashing each; prints
@@ -213,6 +355,7 @@ pub(crate) fn recv(
     stack: &mut Stack,
     port: u16,
     connections: u32,
+    report: ReportOptions,
     out: &mut dyn Write,
 ) -> Result<(), StackError> {
     let listen = |stack: &mut Stack| -> Result<smoltcp::iface::SocketHandle, StackError> {
@@ -224,6 +367,7 @@ pub(crate) fn recv(
         Ok(h)
     };
     let mut handle = listen(stack)?;
+    log::info!("waiting for a stream on TCP port {port}");
     let mut finished = 0u32;
     // Streams already reported whose FIN handshake is still running.
     let mut closing: Vec<(smoltcp::iface::SocketHandle, Instant)> = Vec::new();
@@ -233,6 +377,7 @@ pub(crate) fn recv(
         bytes: u64,
         hasher: Sha256,
         last_progress: Instant,
+        meter: Meter,
     }
     let mut cur: Option<Current> = None;
     loop {
@@ -259,6 +404,7 @@ pub(crate) fn recv(
                         bytes: 0,
                         hasher: Sha256::new(),
                         last_progress: now,
+                        meter: Meter::new(now, report),
                     });
                     log::info!("receiving from {}", endpoint_addr(ep));
                 }
@@ -280,6 +426,7 @@ pub(crate) fn recv(
                 c.bytes += n as u64;
                 c.last_progress = now;
             }
+            c.meter.tick(now, c.bytes, out)?;
             if budget == 0 {
                 // More to read: come back right after the rings are serviced.
                 return Ok(Step::Continue(Some(Duration::ZERO)));
@@ -299,14 +446,17 @@ pub(crate) fn recv(
                     after: STALL_TIMEOUT,
                 });
             }
-            Ok(Step::Continue(Some(STALL_TIMEOUT)))
+            Ok(Step::Continue(Some(
+                c.meter.wake_in(now).map_or(STALL_TIMEOUT, |w| w.min(STALL_TIMEOUT)),
+            )))
         })?;
         if !step {
             return Ok(()); // a signal with no stream in progress: a clean stop
         }
         let c = cur.take().expect("a stream was in progress");
         let secs = c.last_progress.duration_since(c.start).as_secs_f64();
-        report(out, "received", c.peer, c.bytes, secs, &c.hasher.finalize())?;
+        let sha = c.hasher.finalize();
+        c.meter.finish(c.last_progress, out, "received", c.peer, c.bytes, secs, &sha)?;
         finished += 1;
         closing.push((handle, Instant::now()));
         if finished >= connections {

@@ -5,8 +5,10 @@
 //! here keeps state except the SIGBUS handler's table of guarded mappings.
 #![allow(unsafe_code)]
 
+pub mod access;
 pub mod fdpass;
 pub mod notify;
+pub mod sd;
 pub mod sigbus;
 pub mod tun;
 pub mod vfio;
