@@ -46,7 +46,32 @@ pub fn send_with_fd(sock: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<
 
 /// Receives into `buf` from the stream socket `sock` without blocking; descriptors that came
 /// with the data are appended to `fds` (close-on-exec). Returns the byte count (0 at EOF).
+/// Descriptors that could not be received (see [`recv_with_fds_lossy`]) are an error.
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let r = recv_with_fds_lossy(sock, buf, fds)?;
+    if r.fds_lost {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "ancillary data truncated"));
+    }
+    Ok(r.bytes)
+}
+
+/// What [`recv_with_fds_lossy`] received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes received (0 at EOF).
+    pub bytes: usize,
+    /// Descriptors came with the bytes but some were not received (MSG_CTRUNC): most often the
+    /// process reached its descriptor limit (RLIMIT_NOFILE) and the kernel closed them.
+    pub fds_lost: bool,
+}
+
+/// Like [`recv_with_fds`], but a truncated control message is reported, not an error: the bytes
+/// were received and the stream stays in step.
+pub fn recv_with_fds_lossy(
+    sock: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Received> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut control = [0u64; 8];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
@@ -78,8 +103,5 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "ancillary data truncated"));
-    }
-    Ok(n as usize)
+    Ok(Received { bytes: n as usize, fds_lost: msg.msg_flags & libc::MSG_CTRUNC != 0 })
 }
