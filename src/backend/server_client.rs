@@ -94,10 +94,12 @@ pub struct PeerDoorbells {
 
 impl Default for PeerDoorbells {
     fn default() -> Self {
+        // Room for every slot a region can have: the notifier does not allocate.
+        let slots = crate::region::layout::MAX_PEERS_LIMIT as usize;
         PeerDoorbells {
-            peers: HashMap::new(),
-            slots: HashMap::new(),
-            targets: HashMap::new(),
+            peers: HashMap::with_capacity(slots),
+            slots: HashMap::with_capacity(slots),
+            targets: HashMap::with_capacity(slots),
             held: 0,
             budget: usize::MAX,
             dropped: 0,
