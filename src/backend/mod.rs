@@ -16,7 +16,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::doorbell::{Notifier, Wakeups};
-use crate::region::{GeometryRequest, Region};
+use crate::region::{GeometryRequest, PeerState, Region};
 use pci::{DeviceSpec, IvshmemDevice, PciError, REG_DOORBELL};
 
 /// 32-bit device registers (the ivshmem BAR0).
@@ -184,11 +184,36 @@ pub fn open_pci(
     Ok(PciMember { region: s.region, assigned_id, wakeups, backend: "sysfs (polling)" })
 }
 
+/// The slot the doorbell server paired with our own doorbell id `id`. The server writes the
+/// pairing before it tells anyone the id, but any member may have copied the id into other
+/// slots (ids count up, so they can be guessed): a unique match is taken; among several, the
+/// first one no live member holds (its state is not Up), with a warning.
+pub fn own_slot(region: &Region, id: u32) -> Option<u32> {
+    let max = region.geometry().max_peers;
+    let found: Vec<u32> = (0..max).filter(|&s| region.peer(s).doorbell_id() == Some(id)).collect();
+    match found.as_slice() {
+        [] => None,
+        [s] => Some(*s),
+        many => {
+            let pick = many
+                .iter()
+                .copied()
+                .find(|&s| region.peer(s).state() != PeerState::Up)
+                .or(many.first().copied());
+            log::warn!(
+                "doorbell id {id} is paired with several peer slots {many:?} (a member wrote \
+                 the peer table?): taking slot {pick:?}, which no live member holds"
+            );
+            pick
+        }
+    }
+}
+
 /// The slot the doorbell server paired with this device's IVPosition. Without a pairing (a
 /// region not served by `ivnet server`) the agent claims a free slot itself.
 fn slot_for(region: &Region, ivposition: Option<u32>) -> Option<u32> {
     let id = ivposition?;
-    let slot = region.slot_of_doorbell_id(id);
+    let slot = own_slot(region, id);
     match slot {
         Some(s) => log::info!("IVPosition {id} is peer slot {s}"),
         None => log::warn!(
@@ -265,6 +290,21 @@ mod tests {
         r.peer(1).try_claim(inc).unwrap();
         assert!(n.notify(1, 1));
         assert_eq!(regs.take(), vec![(REG_DOORBELL, 7 << 16 | 1)]);
+    }
+
+    /// A member that copies a newcomer's (guessable) doorbell id into its own, live slot does not
+    /// make the newcomer take that slot.
+    #[test]
+    fn test_own_slot_prefers_the_slot_no_live_member_holds() {
+        let r = region();
+        assert_eq!(own_slot(&r, 5), None);
+        r.peer(2).set_doorbell_id(Some(5));
+        assert_eq!(own_slot(&r, 5), Some(2));
+        let inc = r.peer(0).incarnation();
+        let inc = r.peer(0).try_claim(inc).unwrap();
+        r.peer(0).set_state(PeerState::Up, inc);
+        r.peer(0).set_doorbell_id(Some(5));
+        assert_eq!(own_slot(&r, 5), Some(2));
     }
 
     #[test]

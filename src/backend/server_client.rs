@@ -434,7 +434,7 @@ impl ServerSession {
                 }
             }
         }
-        let Some(slot) = region.slot_of_doorbell_id(doorbell_id) else {
+        let Some(slot) = super::own_slot(&region, doorbell_id) else {
             return Err(proto(format!(
                 "doorbell id {doorbell_id} is not paired with a peer slot in the region \
                  (is this an ivnet server? QEMU's example server does not keep the table)"
