@@ -255,12 +255,11 @@ impl Status {
                 None => "-".into(),
             };
             let c = &p.counters;
-            let drops = c.drop_no_peer
-                + c.drop_to_self
-                + c.drop_oversize
-                + c.drop_runt
-                + c.drop_offload
-                + c.local_kernel_drops;
+            // The counters come from the region, which any member can write: they must not
+            // overflow the sum (found by fuzz/fuzz_targets/region.rs).
+            let drops = [c.drop_to_self, c.drop_oversize, c.drop_runt, c.drop_offload, c.local_kernel_drops]
+                .iter()
+                .fold(c.drop_no_peer, |sum, &n| sum.saturating_add(n));
             let _ = writeln!(
                 s,
                 "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6} {:<26} {:>10} {:>10} {:>8}",

@@ -60,25 +60,184 @@ pub enum ServerClientError {
     Region(#[from] RegionError),
 }
 
-/// Every peer's doorbells (eventfds), by peer id and vector.
-#[derive(Default)]
+/// Descriptors kept free for the rest of the member (its epoll, TAP, timers, sockets) when the
+/// peers' eventfds would otherwise reach the descriptor limit.
+pub const FD_HEADROOM: usize = 32;
+
+/// Every peer's doorbells (eventfds), by doorbell id and vector, and which slot each id is
+/// paired with.
+///
+/// Shared memory is untrusted (any member can write any slot's doorbell id), so the slot of a
+/// doorbell id is read from the region once, when the server announces the id (the server
+/// records the pairing before it announces anyone), and only a unique match is believed. The
+/// notifier reads a slot's doorbell id once per incarnation of that slot and rings it only if
+/// the id was announced as paired with that very slot: overwriting the field redirects nothing.
+///
+/// The eventfds are bounded by the descriptor limit: beyond a budget (the limit, minus what the
+/// process holds, our own vectors and [`FD_HEADROOM`]) peers' eventfds are closed at once, and
+/// those peers are not rung (they find our frames at their next heartbeat tick), with one
+/// warning that names the limit to raise.
 pub struct PeerDoorbells {
     peers: HashMap<u32, Vec<EventFd>>,
+    /// Doorbell id -> the slot paired with it when the id was announced (`None`: ambiguous or
+    /// missing), and how many vectors were announced.
+    slots: HashMap<u32, (Option<u32>, usize)>,
+    /// Slot -> (incarnation, doorbell id) as last read for the notifier.
+    targets: HashMap<u32, (u64, Option<u32>)>,
+    held: usize,
+    budget: usize,
+    dropped: usize,
+    /// RLIMIT_NOFILE when the budget was set (for the warning).
+    limit: Option<u64>,
+    warned: bool,
+}
+
+impl Default for PeerDoorbells {
+    fn default() -> Self {
+        // Room for every slot a region can have: the notifier does not allocate.
+        let slots = crate::region::layout::MAX_PEERS_LIMIT as usize;
+        PeerDoorbells {
+            peers: HashMap::with_capacity(slots),
+            slots: HashMap::with_capacity(slots),
+            targets: HashMap::with_capacity(slots),
+            held: 0,
+            budget: usize::MAX,
+            dropped: 0,
+            limit: None,
+            warned: false,
+        }
+    }
+}
+
+/// Descriptors this process has open now (from /proc/self/fd).
+fn open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count())
 }
 
 impl PeerDoorbells {
-    /// Adds the next vector of peer `id`.
-    pub fn add(&mut self, id: u32, fd: OwnedFd) -> io::Result<()> {
+    /// Peers' doorbells held at most within the descriptor limit, keeping `own_vectors` plus
+    /// [`FD_HEADROOM`] descriptors free.
+    pub fn within_fd_limit(own_vectors: usize) -> Self {
+        let limit = crate::sys::fd_limit();
+        let budget = match (limit, open_fds()) {
+            (Some(l), Some(open)) => (l as usize).saturating_sub(open + own_vectors + FD_HEADROOM),
+            _ => usize::MAX,
+        };
+        PeerDoorbells { budget, limit, ..Default::default() }
+    }
+
+    /// Peers' doorbells held at most `budget` at a time.
+    pub fn with_budget(budget: usize) -> Self {
+        PeerDoorbells { budget, ..Default::default() }
+    }
+
+    /// Adds the next vector of peer `id`. Returns false if it was not kept: the descriptor
+    /// budget is spent (it is closed).
+    pub fn add(&mut self, id: u32, fd: OwnedFd) -> io::Result<bool> {
+        if self.held >= self.budget {
+            self.dropped += 1;
+            return Ok(false);
+        }
         self.peers.entry(id).or_default().push(EventFd::from_owned(fd)?);
-        Ok(())
+        self.held += 1;
+        Ok(true)
     }
-    /// Forgets peer `id` (it left).
-    pub fn remove(&mut self, id: u32) {
-        self.peers.remove(&id);
+
+    /// Counts a vector of peer `id` whose descriptor never arrived (the process was at its
+    /// descriptor limit when it came).
+    pub fn lost(&mut self, _id: u32) {
+        self.dropped += 1;
     }
+
+    /// Peer vectors not held because of the descriptor limit (so far).
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
+
+    /// Whether `id` was announced (its pairing recorded), with or without doorbells.
+    pub fn is_known(&self, id: u32) -> bool {
+        self.slots.contains_key(&id)
+    }
+
+    /// Records the slot the server paired with the newly announced doorbell id `id`: the one
+    /// slot of `region` whose doorbell id is `id` (none if several claim it). Returns it.
+    pub fn record_pairing(&mut self, id: u32, region: &Region) -> Option<u32> {
+        let mut found =
+            (0..region.geometry().max_peers).filter(|&s| region.peer(s).doorbell_id() == Some(id));
+        let slot = match (found.next(), found.next()) {
+            (Some(s), None) => Some(s),
+            _ => None,
+        };
+        self.slots.insert(id, (slot, 0));
+        slot
+    }
+
+    /// Counts one announced vector of `id` (kept, dropped or lost).
+    fn announced(&mut self, id: u32) {
+        if let Some((_, n)) = self.slots.get_mut(&id) {
+            *n += 1;
+        }
+    }
+
+    /// The most vectors announced for one peer.
+    fn vectors(&self) -> usize {
+        self.slots.values().map(|&(_, n)| n).max().unwrap_or(0)
+    }
+
+    /// Forgets peer `id` (it left). Returns the slot it was paired with, if the region still
+    /// pairs that slot with `id` (else the slot already went to someone else, who shows up as a
+    /// restart, or the field was overwritten: the link timeout deals with it).
+    pub fn remove(&mut self, id: u32, region: &Region) -> Option<u32> {
+        if let Some(v) = self.peers.remove(&id) {
+            self.held -= v.len();
+        }
+        let slot = self.slots.remove(&id)?.0?;
+        self.targets.remove(&slot);
+        (region.peer(slot).doorbell_id() == Some(id)).then_some(slot)
+    }
+
     /// Peers with doorbells.
     pub fn ids(&self) -> Vec<u32> {
         self.peers.keys().copied().collect()
+    }
+
+    /// The doorbell id to ring for `slot`: read from the region once per incarnation of the
+    /// slot, and believed only if that id was announced as paired with this slot.
+    fn target(&mut self, region: &Region, slot: u32) -> Option<u32> {
+        if slot >= region.geometry().max_peers {
+            return None;
+        }
+        let p = region.peer(slot);
+        let incarnation = p.incarnation();
+        if let Some(&(inc, id)) = self.targets.get(&slot) {
+            if inc == incarnation {
+                return id;
+            }
+        }
+        let id =
+            p.doorbell_id().filter(|id| self.slots.get(id).is_some_and(|&(s, _)| s == Some(slot)));
+        self.targets.insert(slot, (incarnation, id));
+        id
+    }
+
+    /// Logs, once per process, that peers' doorbells are not all held.
+    fn warn_if_dropped(&mut self, path: &Path, max_peers: u32, own_vectors: usize) {
+        if self.dropped == 0 || self.warned {
+            return;
+        }
+        self.warned = true;
+        let vectors = self.vectors().max(own_vectors).max(1);
+        let need = (open_fds().unwrap_or(0) + max_peers as usize * vectors + FD_HEADROOM)
+            .max(self.limit.unwrap_or(0) as usize + 1);
+        let limit = self.limit.map_or_else(|| "unknown".to_string(), |l| l.to_string());
+        log::warn!(
+            "doorbell server {}: {} peer doorbell(s) not held: the descriptor limit ({limit}) \
+             is too low to hold every peer's doorbells, so we cannot ring those peers (they see \
+             our frames at their next heartbeat tick instead). Raise it to at least {need} \
+             (`ulimit -n {need}`, or LimitNOFILE={need} in the systemd unit)",
+            path.display(),
+            self.dropped,
+        );
     }
 }
 
@@ -88,13 +247,20 @@ pub struct EventFdNotifier {
     region: Region,
 }
 
+impl EventFdNotifier {
+    /// Rings the peers in `peers`, addressed by their slot in `region`.
+    pub fn new(peers: Rc<RefCell<PeerDoorbells>>, region: Region) -> Self {
+        EventFdNotifier { peers, region }
+    }
+}
+
 impl Notifier for EventFdNotifier {
     fn notify(&mut self, peer: u32, vector: u16) -> bool {
-        // Peers are addressed by slot; the server's table in the region gives their doorbell id.
-        let Some(id) = self.region.peer(peer).doorbell_id() else { return false };
-        let peers = self.peers.borrow();
-        // A peer with fewer vectors (a server run with --vectors 1) is rung on its last one: any
-        // doorbell wakes an agent, which then looks at all its rings.
+        let mut peers = self.peers.borrow_mut();
+        // Peers are addressed by slot; the server's pairing gives their doorbell id.
+        let Some(id) = peers.target(&self.region, peer) else { return false };
+        // A peer with fewer vectors (a server run with --vectors 1, or some not held) is rung on
+        // its last one: any doorbell wakes an agent, which then looks at all its rings.
         match peers.peers.get(&id).and_then(|v| v.get(vector as usize).or(v.last())) {
             Some(e) => e.signal().is_ok(),
             None => false,
@@ -146,6 +312,17 @@ impl ServerSession {
     ) -> Result<ServerSession, ServerClientError> {
         let stream = UnixStream::connect(path)
             .map_err(|source| ServerClientError::Connect { path: path.into(), source })?;
+        Self::setup(stream, path, req, want_vectors)
+    }
+
+    /// Reads the setup sequence from `stream`, a connection to the doorbell server at `path`
+    /// (made non-blocking here). See [`ServerSession::connect`].
+    pub fn setup(
+        stream: UnixStream,
+        path: &Path,
+        req: &GeometryRequest,
+        want_vectors: usize,
+    ) -> Result<ServerSession, ServerClientError> {
         stream
             .set_nonblocking(true)
             .map_err(|source| ServerClientError::Io { path: path.into(), source })?;
@@ -191,54 +368,86 @@ impl ServerSession {
         let doorbell_id = idm.value as u32;
         let id = doorbell_id;
         let shm = next(&mut reader, deadline)?.ok_or_else(timeout)?;
-        let (-1, Some(shm_fd)) = (shm.value, shm.fd) else {
-            return Err(proto(format!(
-                "expected the region descriptor (-1 with a descriptor), got {}",
-                shm.value
-            )));
-        };
-        let mut peers = PeerDoorbells::default();
-        let mut own = Vec::new();
-        loop {
-            let until = own_deadline.unwrap_or(deadline);
-            let Some(m) = next(&mut reader, until)? else {
-                if own.is_empty() {
-                    return Err(timeout());
-                }
-                break; // the server has fewer vectors than we wanted
-            };
-            let Some(fd) = m.fd else {
-                // A disconnect notice during setup: that peer is gone.
-                if let Ok(pid) = u32::try_from(m.value) {
-                    peers.remove(pid);
-                }
-                continue;
-            };
-            if m.value == id as i64 {
-                own.push(EventFd::from_owned(fd).map_err(io_err)?);
-                if own.len() >= want_vectors {
-                    break;
-                }
-                own_deadline.get_or_insert_with(|| Instant::now() + VECTOR_GRACE);
-            } else if (0..=MAX_PEER_ID as i64).contains(&m.value) {
-                peers.add(m.value as u32, fd).map_err(io_err)?;
-            } else {
-                return Err(proto(format!("peer id {} is out of range", m.value)));
+        let shm_fd = match (shm.value, shm.fd) {
+            (-1, Some(fd)) => fd,
+            (-1, None) if shm.fd_lost => {
+                return Err(proto(format!(
+                    "the region descriptor could not be received: this process is at its \
+                     descriptor limit (ulimit -n: {}); raise it",
+                    crate::sys::fd_limit().map_or_else(|| "unknown".into(), |l| l.to_string())
+                )))
             }
-        }
+            (value, _) => {
+                return Err(proto(format!(
+                    "expected the region descriptor (-1 with a descriptor), got {value}"
+                )))
+            }
+        };
+        // Map the region first: the pairing of each announced peer is read from it.
         let file = std::fs::File::from(shm_fd);
         let map = memmap2::MmapOptions::new()
             .map_raw(&file)
             .map_err(|source| ServerClientError::Map { path: path.into(), source })?;
+        drop(file);
         let name = format!("{} (via {})", "server region", path.display());
         let region = Region::attach(Arc::new(map), &name, req)?;
-        let Some(slot) = region.slot_of_doorbell_id(doorbell_id) else {
+        let mut peers = PeerDoorbells::within_fd_limit(want_vectors);
+        let mut own = Vec::new();
+        let mut own_seen = 0usize;
+        loop {
+            let until = own_deadline.unwrap_or(deadline);
+            let Some(m) = next(&mut reader, until)? else {
+                if own_seen == 0 {
+                    return Err(timeout());
+                }
+                break; // the server has fewer vectors than we wanted
+            };
+            let Message { value, fd, fd_lost } = m;
+            let pid = match u32::try_from(value) {
+                Ok(pid) if pid <= MAX_PEER_ID => pid,
+                // A disconnect notice of nonsense: nothing to forget.
+                _ if fd.is_none() && !fd_lost => continue,
+                _ => return Err(proto(format!("peer id {value} is out of range"))),
+            };
+            if pid == id {
+                own_seen += 1;
+                if let Some(fd) = fd {
+                    own.push(EventFd::from_owned(fd).map_err(io_err)?);
+                }
+                if own_seen >= want_vectors {
+                    break;
+                }
+                own_deadline.get_or_insert_with(|| Instant::now() + VECTOR_GRACE);
+            } else if fd.is_none() && !fd_lost {
+                // A disconnect notice during setup: that peer is gone.
+                peers.remove(pid, &region);
+            } else {
+                if !peers.is_known(pid) {
+                    peers.record_pairing(pid, &region);
+                }
+                peers.announced(pid);
+                match fd {
+                    Some(fd) => {
+                        peers.add(pid, fd).map_err(io_err)?;
+                    }
+                    None => peers.lost(pid),
+                }
+            }
+        }
+        let Some(slot) = super::own_slot(&region, doorbell_id) else {
             return Err(proto(format!(
                 "doorbell id {doorbell_id} is not paired with a peer slot in the region \
                  (is this an ivnet server? QEMU's example server does not keep the table)"
             )));
         };
-        if own.len() < want_vectors {
+        if own.is_empty() {
+            log::warn!(
+                "doorbell server {}: none of our own doorbells could be received (descriptor \
+                 limit, ulimit -n: {}): polling instead",
+                path.display(),
+                crate::sys::fd_limit().map_or_else(|| "unknown".into(), |l| l.to_string())
+            );
+        } else if own_seen < want_vectors {
             log::warn!(
                 "doorbell server {} gives {} vector(s) per peer, ivnet uses {want_vectors} \
                  (0: link changes, 1: data): data doorbells share vector 0; start the server \
@@ -247,12 +456,13 @@ impl ServerSession {
                 own.len()
             );
         }
+        peers.warn_if_dropped(path, region.geometry().max_peers, own_seen);
         log::info!(
             "doorbell server {} gave us doorbell id {doorbell_id} and peer slot {slot}, {} vectors, \
              {} peers present",
             path.display(),
             own.len(),
-            peers.peers.len()
+            peers.slots.len()
         );
         Ok(ServerSession {
             id: slot,
@@ -283,7 +493,7 @@ impl ServerSession {
 
     /// The notifier that rings other peers.
     pub fn notifier(&self) -> EventFdNotifier {
-        EventFdNotifier { peers: self.peers.clone(), region: self.region.clone() }
+        EventFdNotifier::new(self.peers.clone(), self.region.clone())
     }
 
     /// Splits off the connection as a control handler: it follows joins and leaves, reporting the
@@ -292,6 +502,7 @@ impl ServerSession {
         let ServerSession { doorbell_id, stream, mut reader, peers, own, path, region, .. } = self;
         let fd = stream.as_raw_fd();
         let peers2 = peers.clone();
+        let (max_peers, own_vectors) = (region.geometry().max_peers, own.len());
         let mut closed = false;
         let handler: ControlHandler = Box::new(move |left: &mut Vec<u32>| {
             let _keep_open = &stream;
@@ -310,39 +521,145 @@ impl ServerSession {
                         closed = true;
                         return Ok(());
                     }
-                    ReadOutcome::Message(Message { value, fd }) => {
+                    ReadOutcome::Message(Message { value, fd, fd_lost }) => {
                         let Ok(pid) = u32::try_from(value) else { continue };
                         if pid == doorbell_id || pid > MAX_PEER_ID {
                             continue; // extra own vectors, or nonsense: ignore (fd closes)
                         }
-                        match fd {
-                            Some(fd) => {
-                                let mut p = peers2.borrow_mut();
-                                let fresh = !p.peers.contains_key(&pid);
-                                p.add(pid, fd)?;
-                                if fresh {
-                                    // The server paired the id with a slot before announcing it.
-                                    match region.slot_of_doorbell_id(pid) {
-                                        Some(slot) => log::info!(
-                                            "doorbell server: peer {slot} joined (doorbell id {pid})"
-                                        ),
-                                        None => log::info!("doorbell server: doorbell id {pid} joined"),
-                                    }
-                                }
+                        let mut p = peers2.borrow_mut();
+                        if fd.is_none() && !fd_lost {
+                            // Report the slot; if the server already gave it to a newcomer,
+                            // that one shows up as a restart instead.
+                            if let Some(slot) = p.remove(pid, &region) {
+                                left.push(slot);
                             }
+                            continue;
+                        }
+                        if !p.is_known(pid) {
+                            // The server paired the id with a slot before announcing it.
+                            match p.record_pairing(pid, &region) {
+                                Some(slot) => log::info!(
+                                    "doorbell server: peer {slot} joined (doorbell id {pid})"
+                                ),
+                                None => log::info!("doorbell server: doorbell id {pid} joined"),
+                            }
+                        }
+                        p.announced(pid);
+                        let kept = match fd {
+                            Some(fd) => p.add(pid, fd).unwrap_or_else(|e| {
+                                log::warn!("doorbell id {pid}: unusable eventfd: {e}");
+                                false
+                            }),
                             None => {
-                                peers2.borrow_mut().remove(pid);
-                                // Report the slot; if the server already gave it to a newcomer,
-                                // that one shows up as a restart instead.
-                                if let Some(slot) = region.slot_of_doorbell_id(pid) {
-                                    left.push(slot);
-                                }
+                                p.lost(pid);
+                                false
                             }
+                        };
+                        if !kept {
+                            p.warn_if_dropped(&path, max_peers, own_vectors);
                         }
                     }
                 }
             }
         });
         (fd, handler, own, peers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::HeapMemory;
+
+    fn region() -> Region {
+        let req = GeometryRequest { max_peers: Some(4), ..Default::default() };
+        Region::attach(Arc::new(HeapMemory::new(4 << 20)), "t", &req).unwrap()
+    }
+
+    /// An eventfd to hand over, and the same eventfd to watch.
+    fn doorbell() -> (OwnedFd, EventFd) {
+        let e = EventFd::new().unwrap();
+        (e.fd().try_clone().unwrap(), e)
+    }
+
+    /// The server pairs `slot` with `id`, announces it with one vector, and a member takes the
+    /// slot (a new incarnation). Returns the eventfd to watch.
+    fn join(r: &Region, peers: &mut PeerDoorbells, slot: u32, id: u32) -> EventFd {
+        r.peer(slot).set_doorbell_id(Some(id));
+        peers.record_pairing(id, r);
+        let (fd, watch) = doorbell();
+        assert!(peers.add(id, fd).unwrap());
+        let inc = r.peer(slot).incarnation();
+        r.peer(slot).try_claim(inc).unwrap();
+        watch
+    }
+
+    /// Finding 4 of issue 11, `server` backend: overwriting a peer's doorbell id in the region
+    /// does not redirect its doorbells, not even after the slot's incarnation changes, unless
+    /// the server announced the new id as paired with that slot.
+    #[test]
+    fn test_overwritten_doorbell_id_does_not_redirect_doorbells() {
+        let r = region();
+        let peers = Rc::new(RefCell::new(PeerDoorbells::default()));
+        let mut n = EventFdNotifier::new(peers.clone(), r.clone());
+        let five = join(&r, &mut peers.borrow_mut(), 1, 5);
+        let seven = join(&r, &mut peers.borrow_mut(), 2, 7);
+        assert!(n.notify(1, 1));
+        assert_eq!((five.drain(), seven.drain()), (1, 0));
+        // A hostile member points slot 1 at doorbell id 7 (the peer in slot 2).
+        r.peer(1).set_doorbell_id(Some(7));
+        assert!(n.notify(1, 1));
+        assert_eq!((five.drain(), seven.drain()), (1, 0), "slot 1's doorbell was redirected");
+        // Even under a new incarnation, id 7 is not slot 1's: it is not rung for slot 1.
+        let inc = r.peer(1).incarnation();
+        r.peer(1).try_claim(inc).unwrap();
+        assert!(!n.notify(1, 1));
+        assert_eq!((five.drain(), seven.drain()), (0, 0));
+        // Doorbell id 5 leaves and the server gives slot 1 to a newcomer, id 8.
+        r.peer(1).set_doorbell_id(Some(5));
+        assert_eq!(peers.borrow_mut().remove(5, &r), Some(1));
+        let eight = join(&r, &mut peers.borrow_mut(), 1, 8);
+        assert!(n.notify(1, 1));
+        assert_eq!((eight.drain(), seven.drain()), (1, 0));
+        assert!(n.notify(2, 1));
+        assert_eq!(seven.drain(), 1);
+    }
+
+    /// A leave is reported for the slot paired at the announcement, and only while the region
+    /// still pairs it; an id that two slots claim at its announcement is never rung.
+    #[test]
+    fn test_pairing_is_taken_at_announcement_and_must_be_unique() {
+        let r = region();
+        let mut peers = PeerDoorbells::default();
+        let _five = join(&r, &mut peers, 1, 5);
+        // A hostile member copies id 5 into slot 3 after the announcement: no effect.
+        r.peer(3).set_doorbell_id(Some(5));
+        assert_eq!(peers.remove(5, &r), Some(1));
+        // ... and before the announcement of id 6: the pairing is ambiguous.
+        r.peer(3).set_doorbell_id(Some(6));
+        let six = join(&r, &mut peers, 2, 6);
+        let peers = Rc::new(RefCell::new(peers));
+        let mut n = EventFdNotifier::new(peers.clone(), r.clone());
+        assert!(!n.notify(2, 1));
+        assert!(!n.notify(3, 1));
+        assert_eq!(six.drain(), 0);
+        // The slot of a leave that the region no longer pairs with it is not reported.
+        r.peer(2).set_doorbell_id(Some(9));
+        assert_eq!(peers.borrow_mut().remove(6, &r), None);
+    }
+
+    #[test]
+    fn test_peer_doorbells_stay_within_their_descriptor_budget() {
+        let r = region();
+        let mut peers = PeerDoorbells::with_budget(2);
+        r.peer(1).set_doorbell_id(Some(1));
+        peers.record_pairing(1, &r);
+        assert!(peers.add(1, doorbell().0).unwrap());
+        assert!(peers.add(1, doorbell().0).unwrap());
+        assert!(!peers.add(2, doorbell().0).unwrap());
+        peers.lost(2);
+        assert_eq!(peers.dropped(), 2);
+        assert_eq!(peers.remove(1, &r), Some(1));
+        assert!(peers.add(2, doorbell().0).unwrap());
     }
 }

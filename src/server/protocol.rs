@@ -29,6 +29,9 @@ pub struct Message {
     pub value: i64,
     /// The descriptor that came with it.
     pub fd: Option<OwnedFd>,
+    /// A descriptor came with it but could not be received (the receiver is at its descriptor
+    /// limit): the message is a join whose eventfd was lost, not a disconnect notice.
+    pub fd_lost: bool,
 }
 
 /// Reassembles 8-byte messages (and their descriptors) from a non-blocking stream socket.
@@ -37,6 +40,7 @@ pub struct MessageReader {
     partial: [u8; 8],
     have: usize,
     fds: Vec<OwnedFd>,
+    fd_lost: bool,
 }
 
 /// What one read attempt produced.
@@ -59,9 +63,11 @@ impl MessageReader {
         loop {
             let want = 8 - self.have;
             let mut buf = [0u8; 8];
-            match fdpass::recv_with_fds(sock, &mut buf[..want], &mut self.fds) {
-                Ok(0) => return Ok(ReadOutcome::Eof),
-                Ok(n) => {
+            match fdpass::recv_with_fds_lossy(sock, &mut buf[..want], &mut self.fds) {
+                Ok(r) if r.bytes == 0 => return Ok(ReadOutcome::Eof),
+                Ok(r) => {
+                    let n = r.bytes;
+                    self.fd_lost |= r.fds_lost;
                     self.partial[self.have..self.have + n].copy_from_slice(&buf[..n]);
                     self.have += n;
                     if self.have == 8 {
@@ -70,7 +76,8 @@ impl MessageReader {
                         // A message carries at most one descriptor; extra ones are closed here.
                         let mut fds = std::mem::take(&mut self.fds).into_iter();
                         let fd = fds.next();
-                        return Ok(ReadOutcome::Message(Message { value, fd }));
+                        let fd_lost = std::mem::take(&mut self.fd_lost) && fd.is_none();
+                        return Ok(ReadOutcome::Message(Message { value, fd, fd_lost }));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -192,6 +192,14 @@ fn read_u64(fd: RawFd) -> Option<u64> {
     (n == 8).then_some(v)
 }
 
+/// The soft limit on open descriptors (RLIMIT_NOFILE, what `ulimit -n` shows), if finite.
+pub fn fd_limit() -> Option<u64> {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit` into `rl`, which lives for the call.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    (r == 0 && rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur)
+}
+
 /// An eventfd (the doorbell primitive QEMU's ivshmem uses).
 pub struct EventFd(OwnedFd);
 
