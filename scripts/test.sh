@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/test.sh: the README's test command. Installs what the tests need when it is missing
-# (apt-get, as root), then runs `cargo test --workspace`.
+# (apt-get, as root), then runs `cargo test --workspace` and, for the whole suite, every fuzz
+# target for a bounded time (scripts/fuzz.sh).
 #
 # As root the privileged tests (network namespaces, TAPs, a user switch) must run: this script
 # sets IVNET_REQUIRE_PRIVILEGED_TESTS=1 so any of them that would skip fails instead. Not root,
@@ -64,4 +65,14 @@ else
 fi
 
 # --no-fail-fast: one failing test binary must not hide the results of the others.
-exec cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+
+# The whole suite (no arguments) also runs every fuzz target for a bounded time
+# (IVNET_FUZZ_SECS each, default 20; scripts/fuzz.sh installs cargo-fuzz and fails, not skips,
+# without the nightly toolchain).
+if [ $# -eq 0 ]; then
+    echo "test.sh: fuzzing every target for ${IVNET_FUZZ_SECS:-20} s (scripts/fuzz.sh)"
+    scripts/fuzz.sh "${IVNET_FUZZ_SECS:-20}" || status=1
+fi
+exit "$status"

@@ -92,10 +92,12 @@ fn shared() -> &'static Shared {
         let req = GeometryRequest {
             max_peers: Some(MAX_PEERS),
             ring_slots: Some(8),
-            slot_size: Some(256),
+            // The smallest valid rings: a ring holds two 64 KiB super-frames.
+            slot_size: Some(ivnet::region::Geometry::min_slot_size(8, 576)),
             mtu: Some(576),
         };
-        file.set_len(128 << 10).expect("size");
+        let g = req.resolve(u64::MAX).and_then(|g| g.layout()).expect("a valid geometry");
+        file.set_len(g.total as u64).expect("size");
         let map = memmap2::MmapOptions::new().map_raw(&file).expect("map");
         let region = Region::attach(Arc::new(map), "fuzz", &req).expect("attach");
         Shared { file, region, eventfd: EventFd::new().expect("eventfd") }

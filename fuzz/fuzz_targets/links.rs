@@ -62,16 +62,21 @@ struct Input {
     ops: Vec<Op>,
 }
 
+/// Segment size of the smallest valid ring of 8 segments (it holds two 64 KiB super-frames).
+const SLOT_SIZE: u32 = 16448;
+
 fuzz_target!(|input: Input| {
+    debug_assert_eq!(SLOT_SIZE, ivnet::region::Geometry::min_slot_size(8, 576));
     let max_peers = 2 + u32::from(input.max_peers % 7);
     let me = u32::from(input.me) % max_peers;
     let req = GeometryRequest {
         max_peers: Some(max_peers),
         ring_slots: Some(8),
-        slot_size: Some(256),
+        // The smallest valid rings: a ring holds two 64 KiB super-frames.
+        slot_size: Some(SLOT_SIZE),
         mtu: Some(576),
     };
-    let g = ivnet::region::Geometry { max_peers, ring_slots: 8, slot_size: 256, mtu: 576 };
+    let g = ivnet::region::Geometry { max_peers, ring_slots: 8, slot_size: SLOT_SIZE, mtu: 576 };
     let size = g.layout().expect("a valid geometry").total;
     let region = Region::attach(Arc::new(HeapMemory::new(size)), "fuzz", &req).expect("attach");
     let timeout = Duration::from_millis(50 + u64::from(input.timeout_ms % 5000));

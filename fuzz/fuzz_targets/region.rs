@@ -39,16 +39,20 @@ struct Input {
     ops: Vec<Op>,
 }
 
+/// Segment size of the smallest valid ring of 8 segments (it holds two 64 KiB super-frames).
+const SLOT_SIZE: u32 = 16448;
+
 fuzz_target!(|input: Input| {
+    debug_assert_eq!(SLOT_SIZE, Geometry::min_slot_size(8, 576));
     let max_peers = 2 + u32::from(input.max_peers % 3);
-    let g = Geometry { max_peers, ring_slots: 8, slot_size: 256, mtu: 576 };
+    let g = Geometry { max_peers, ring_slots: 8, slot_size: SLOT_SIZE, mtu: 576 };
     let size = g.layout().expect("a valid geometry").total + usize::from(input.extra_kib) * 1024;
     let mem = Arc::new(HeapMemory::new(size));
     if !input.blank {
         let req = GeometryRequest {
             max_peers: Some(max_peers),
             ring_slots: Some(8),
-            slot_size: Some(256),
+            slot_size: Some(SLOT_SIZE),
             mtu: Some(576),
         };
         Region::attach(mem.clone(), "fuzz", &req).expect("a fresh region");

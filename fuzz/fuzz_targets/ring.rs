@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ivnet::region::layout::{ring, ETH_OVERHEAD, MAX_META};
+use ivnet::region::layout::{ring, MAX_META};
 use ivnet::region::ring::{hostile, Consumer, Peek, Producer, SegmentDesc};
 use ivnet::region::{GeometryRequest, HeapMemory, Region};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
@@ -132,8 +132,8 @@ impl Rig {
             Region::attach(Arc::new(HeapMemory::new(l.total)), "fuzz", &req).expect("attach");
         let (ring_a, ring_b) = (l.ring(0, 1), l.ring(1, 0));
         let ours = vec![
-            (ring_a + ring::TAIL, ring_a + ring::RX_DROP_DELIVER + 8),
-            (ring_b + ring::HEAD, ring_b + ring::TX_DROP_DOWN + 8),
+            (ring_a + ring::TAIL, ring_a + ring::RX_DROP_SOURCE + 8),
+            (ring_b + ring::HEAD, ring_b + ring::TX_DROP_MTU + 8),
             (ring_b + l.ring_descs, ring_b + l.ring_stride),
         ];
         let data_a = (ring_a + l.ring_data, ring_a + l.ring_data + 16 * slot_size as usize);
@@ -144,7 +144,8 @@ impl Rig {
             ring_b,
             stride: l.ring_stride,
             data_a,
-            max_eth: (MTU + ETH_OVERHEAD) as usize,
+            // A ring carries offloaded super-frames whatever the MTU.
+            max_eth: g.max_ethernet_frame() as usize,
         }
     }
 
@@ -168,7 +169,10 @@ impl Rig {
 }
 
 fuzz_target!(|input: Input| {
-    let slot_size = 256 * (1 + u32::from(input.slot_size_x256 % 4));
+    // The smallest segments with which 16 of them hold two 64 KiB super-frames, and a few
+    // larger ones.
+    let slot_size =
+        ivnet::region::Geometry::min_slot_size(16, MTU) + 256 * u32::from(input.slot_size_x256 % 4);
     let rig = Rig::new(slot_size);
     let r = &rig.region;
     let mut honest_epoch = 1u32;
@@ -279,7 +283,8 @@ fuzz_target!(|input: Input| {
             Op::WriteFrame => {
                 if current.is_some() {
                     use std::os::fd::AsRawFd;
-                    let n = cons.write_frame_to(devnull.as_raw_fd(), &mut iov).expect("writev");
+                    let n =
+                        cons.write_frame_to(devnull.as_raw_fd(), &[], &mut iov).expect("writev");
                     assert_eq!(Some(n), current);
                 }
             }
