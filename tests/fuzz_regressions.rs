@@ -12,10 +12,12 @@ fn region(max_peers: u32) -> Region {
     let req = GeometryRequest {
         max_peers: Some(max_peers),
         ring_slots: Some(8),
-        slot_size: Some(256),
+        // The smallest rings that hold two 64 KiB super-frames.
+        slot_size: Some(ivnet::region::Geometry::min_slot_size(8, 576)),
         mtu: Some(576),
     };
-    Region::attach(Arc::new(HeapMemory::new(1 << 20)), "fuzz-regression", &req).unwrap()
+    let size = req.resolve(u64::MAX).and_then(|g| g.layout()).expect("a valid geometry").total;
+    Region::attach(Arc::new(HeapMemory::new(size)), "fuzz-regression", &req).unwrap()
 }
 
 /// fuzz target `region`, fuzz/corpus/region/crash-d9ac4644ee086505c933f618933130ce211b7f28: a

@@ -202,20 +202,35 @@ impl PeerDoorbells {
     }
 
     /// The doorbell id to ring for `slot`: read from the region once per incarnation of the
-    /// slot, and believed only if that id was announced as paired with this slot.
+    /// slot, and believed only if that id was announced as paired with this slot, or was moved
+    /// here by the server: a member on the server's host that rejoined under another slot keeps
+    /// its doorbell id, and the server then pairs the id with the new slot and takes it off the
+    /// old one (so an id is believed for a new slot only once its announced slot no longer
+    /// carries it). Until an id is believed the slot is looked at again on every call (a few
+    /// reads), so a move is followed as soon as the server has written it.
     fn target(&mut self, region: &Region, slot: u32) -> Option<u32> {
         if slot >= region.geometry().max_peers {
             return None;
         }
         let p = region.peer(slot);
         let incarnation = p.incarnation();
-        if let Some(&(inc, id)) = self.targets.get(&slot) {
+        if let Some(&(inc, Some(id))) = self.targets.get(&slot) {
             if inc == incarnation {
-                return id;
+                return Some(id);
             }
         }
-        let id =
-            p.doorbell_id().filter(|id| self.slots.get(id).is_some_and(|&(s, _)| s == Some(slot)));
+        let id = p.doorbell_id().filter(|id| match self.slots.get(id) {
+            Some(&(Some(s), _)) if s == slot => true,
+            Some(&(Some(s), _)) => region.peer(s).doorbell_id() != Some(*id),
+            _ => false,
+        });
+        if let Some(id) = id {
+            if let Some(entry) = self.slots.get_mut(&id) {
+                entry.0 = Some(slot);
+            }
+            // The id's old slot is no longer rung through it.
+            self.targets.retain(|&s, &mut (_, t)| s == slot || t != Some(id));
+        }
         self.targets.insert(slot, (incarnation, id));
         id
     }
@@ -623,6 +638,31 @@ mod tests {
         assert_eq!((eight.drain(), seven.drain()), (1, 0));
         assert!(n.notify(2, 1));
         assert_eq!(seven.drain(), 1);
+    }
+
+    /// A member on the server's host that rejoined under another slot keeps its doorbell id:
+    /// once the server has paired the id with the new slot and taken it off the old one, the
+    /// member is rung there (and no longer through the old slot).
+    #[test]
+    fn test_a_doorbell_id_the_server_moved_follows_its_member() {
+        let r = region();
+        let peers = Rc::new(RefCell::new(PeerDoorbells::default()));
+        let mut n = EventFdNotifier::new(peers.clone(), r.clone());
+        let five = join(&r, &mut peers.borrow_mut(), 1, 5);
+        assert!(n.notify(1, 1));
+        assert_eq!(five.drain(), 1);
+        // The member rejoins in slot 3 (a new incarnation there); the server writes id 5 into
+        // slot 3 first: while slot 1 still carries it, slot 3 is not believed.
+        let inc = r.peer(3).incarnation();
+        r.peer(3).try_claim(inc).unwrap();
+        r.peer(3).set_doorbell_id(Some(5));
+        assert!(!n.notify(3, 1));
+        // ... then takes it off slot 1: slot 3 is rung through id 5, slot 1 no longer.
+        r.peer(1).set_doorbell_id(None);
+        assert!(n.notify(3, 1));
+        assert_eq!(five.drain(), 1);
+        assert!(!n.notify(1, 1));
+        assert_eq!(five.drain(), 0);
     }
 
     /// A leave is reported for the slot paired at the announcement, and only while the region

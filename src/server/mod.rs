@@ -664,6 +664,9 @@ impl Server {
             self.slots[c.slot as usize].doorbell_id = None;
             self.slots[s as usize].doorbell_id = Some(c.id);
             self.region.peer(s).set_doorbell_id(Some(c.id));
+            // Off the old slot too: members believe the id's new slot once the slot it was
+            // announced with no longer carries it (see server_client's PeerDoorbells::target).
+            self.region.peer(c.slot).set_doorbell_id(None);
             c.slot = s;
         }
     }
