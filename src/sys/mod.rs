@@ -3,6 +3,7 @@
 //! into an `io::Error`; nothing here keeps state.
 #![allow(unsafe_code)]
 
+pub mod ctl;
 pub mod fdpass;
 pub mod tun;
 pub mod vfio;
