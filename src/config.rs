@@ -193,6 +193,10 @@ pub struct AgentArgs {
     /// which also cuts off hosts bridged behind a peer.
     #[arg(long)]
     pub pin_macs: bool,
+    /// UNIX socket on which the agent answers `ivnet status` (created mode 0660, removed on
+    /// exit); `none` turns it off. Default /run/ivnet/<TAP>.sock.
+    #[arg(long, value_name = "PATH|none")]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Flags of `ivnet server`.
@@ -269,6 +273,7 @@ struct FileConfig {
     bind: Option<bool>,
     offload: Option<String>,
     pin_macs: Option<bool>,
+    control_socket: Option<PathBuf>,
 }
 
 /// How the agent reaches its region.
@@ -324,6 +329,8 @@ pub struct AgentConfig {
     pub offload: OffloadMode,
     /// Drop frames whose source MAC is not their sender's own.
     pub pin_macs: bool,
+    /// The control socket (`None`: the default for the TAP name; `none`: off).
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Default spin window in µs (see bench/README.md for the measurement behind it).
@@ -444,6 +451,7 @@ impl AgentConfig {
         Ok(AgentConfig {
             offload,
             pin_macs: args.pin_macs || file.pin_macs.unwrap_or(false),
+            control_socket: args.control_socket.clone().or(file.control_socket),
             backend,
             geometry,
             peer_id: args.peer_id.or(file.peer_id),

@@ -9,11 +9,15 @@
 pub mod agent;
 pub mod backend;
 pub mod config;
+pub mod control;
+pub mod docs;
 pub mod doorbell;
 pub mod mac;
+pub mod metrics;
 pub mod offload;
 pub mod region;
 pub mod server;
 pub mod stack;
 pub mod status;
+pub mod status_cmd;
 pub mod sys;
