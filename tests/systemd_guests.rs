@@ -246,6 +246,9 @@ fn systemd_guests() {
             // The production path: the device through vfio-pci, MSI-X doorbells.
             let backend = field(g, &st, "backend");
             assert!(backend.starts_with("vfio_(MSI-X)"), "the agent's backend: {backend}");
+            // The TAP kept the MAC the agent gave it (udev's MACAddressPolicy must not replace
+            // it: the package's 70-ivnet-tap.link).
+            assert_eq!(field(g, &st, "tap_mac"), field(g, &st, "slot_mac"), "tap-shm's MAC");
             let pkg = g.marker(head, "package");
             for (k, v) in [
                 ("files", "ok"),

@@ -73,14 +73,16 @@ tap=$(echo "$st" | sed -n 's/.*"tap": "\([^"]*\)".*/\1/p' | head -n 1)
 ivnet status
 ivnet status | grep -q "addresses: $PEER/" || fail status-addresses "$(ivnet status)"
 backend=$(echo "$st" | sed -n 's/.*"backend": "\([^"]*\)".*/\1/p' | head -n 1)
-mark "status peers_up=$peers_up tap=$tap peer_address=yes backend=${backend// /_}"
+slot_mac=$(echo "$st" | sed -n 's/.*"mac": "\([^"]*\)".*/\1/p' | tail -n 1)
+mark "status peers_up=$peers_up tap=$tap peer_address=yes backend=${backend// /_} slot_mac=$slot_mac tap_mac=$(cat /sys/class/net/tap-shm/address)"
 journalctl -b --no-pager -o cat -u ivnet-agent | grep -i -E 'vfio|sysfs|bound|warn' | head -n 10
 
 # What the package put in place.
 pkg=ok
 for f in /usr/bin/ivnet /etc/ivnet/ivnet.toml /usr/share/doc/ivnet/README.md \
     /usr/share/doc/ivnet/examples/tap-shm.network /usr/share/man/man1/ivnet.1.gz \
-    /usr/share/bash-completion/completions/ivnet /usr/lib/modules-load.d/ivnet.conf; do
+    /usr/share/bash-completion/completions/ivnet /usr/lib/modules-load.d/ivnet.conf \
+    /usr/lib/systemd/network/70-ivnet-tap.link; do
     [ -e "$f" ] || { pkg="missing:$f"; break; }
 done
 mark "package files=$pkg agent=$(systemctl is-enabled ivnet-agent) server=$(systemctl is-enabled ivnet-server) timer=$(systemctl is-enabled ivnet-metrics.timer) vfio_pci=$(test -d /sys/module/vfio_pci && echo loaded) tun=$(test -d /sys/module/tun && echo loaded)"
