@@ -11,7 +11,7 @@
 //!    pings, the journal shows the peer coming up, `ivnet status` (through the agent's control
 //!    socket) lists both peers and the other's address, the package's files and unit states;
 //! 2. A sends a TCP stream to B, SHA-256 equal on both ends;
-//! 3. in A: the metrics service writes the node_exporter file; `systemctl restart
+//! 3. in A: the metrics service, then its timer, write the node_exporter file; `systemctl restart
 //!    ivnet-agent` (networkd restores the address, traffic resumes); SIGKILL of the agent
 //!    (systemd restarts it); SIGSTOP of the agent (the watchdog restarts it: checked when the
 //!    unit has `WatchdogSec=`, reported as skipped otherwise).
@@ -284,6 +284,7 @@ fn systemd_guests() {
         let lines: u32 = field(&ga, &m, "peer_up_lines").parse().unwrap_or(0);
         assert!(lines >= 2, "the node_exporter file lists {lines} peers: {m:?}");
         assert_eq!(field(&ga, &m, "agent_info"), "1", "{m:?}");
+        assert_eq!(field(&ga, &m, "timer"), "fired", "ivnet-metrics.timer: {m:?}");
         let r = ga.marker(&t, "restart");
         let resumed = ms(&ga, &r, "resumed_ms");
         note(&format!(

@@ -108,11 +108,17 @@ t0=$(ms)
 wait_for 120 nc -N "$PEER" "$PORT" </tmp/tx.bin || fail tx
 mark "tx-done ms=$(( $(ms) - t0 ))"
 
-# ---- metrics for node_exporter (the timer's service, started once by hand) -----------------
+# ---- metrics for node_exporter: the timer's service by hand, then the timer -----------------
 systemctl start ivnet-metrics.service || fail metrics "$(systemctl status ivnet-metrics.service 2>&1 | tail -n 5)"
 prom=/var/lib/prometheus/node-exporter/ivnet.prom
 grep -q '^ivnet_peer_up{' "$prom" || fail metrics "no ivnet_peer_up in $prom"
-mark "metrics peer_up_lines=$(grep -c '^ivnet_peer_up{' "$prom") agent_info=$(grep -c '^ivnet_agent_info{' "$prom")"
+lines=$(grep -c '^ivnet_peer_up{' "$prom")
+info=$(grep -c '^ivnet_agent_info{' "$prom")
+# The timer (as `systemctl enable --now ivnet-metrics.timer` would start it) writes it again.
+rm -f "$prom"
+systemctl start ivnet-metrics.timer || fail metrics-timer
+wait_for 60 test -s "$prom" || fail metrics-timer "no $prom from the timer: $(systemctl list-timers --all --no-pager 2>&1 | grep ivnet)"
+mark "metrics peer_up_lines=$lines agent_info=$info timer=fired"
 
 # ---- the agent restarted by systemctl: networkd restores the address, traffic resumes -------
 old=$(agent_pid)
