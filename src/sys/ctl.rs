@@ -56,7 +56,102 @@ pub fn bind_unix_listener(path: &Path, mode: u32) -> io::Result<UnixListener> {
 
 /// The IP addresses (with prefix lengths) of interface `ifname`, IPv4 first, in the kernel's
 /// order otherwise. An interface that does not exist has none.
+///
+/// `getifaddrs(3)` asks the kernel over netlink; where a sandbox forbids netlink sockets
+/// (systemd's `RestrictAddressFamilies=` without `AF_NETLINK`) this falls back to what needs
+/// none: `SIOCGIFCONF`/`SIOCGIFNETMASK` on an `AF_INET` socket and `/proc/net/if_inet6`.
 pub fn if_addresses(ifname: &str) -> io::Result<Vec<(IpAddr, u8)>> {
+    match getifaddrs_of(ifname) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            log::debug!("getifaddrs: {e}; reading addresses without netlink");
+            let mut v = ipv4_by_ioctl(ifname)?;
+            v.extend(ipv6_from_proc(
+                ifname,
+                &std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default(),
+            ));
+            Ok(v)
+        }
+    }
+}
+
+/// `struct ifreq` as SIOCGIFCONF fills it on 64-bit Linux: the name, then a sockaddr, 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IfReqAddr {
+    name: [u8; libc::IFNAMSIZ],
+    addr: libc::sockaddr_in,
+    _pad: [u8; 8],
+}
+
+#[repr(C)]
+struct IfConf {
+    len: libc::c_int,
+    buf: *mut IfReqAddr,
+}
+
+const SIOCGIFCONF: libc::c_ulong = 0x8912;
+const SIOCGIFNETMASK: libc::c_ulong = 0x891b;
+
+/// IPv4 addresses of `ifname` (and its labels `ifname:N`) through ioctls on an AF_INET socket.
+fn ipv4_by_ioctl(ifname: &str) -> io::Result<Vec<(IpAddr, u8)>> {
+    let sock = super::ctl_socket_inet()?;
+    use std::os::fd::AsRawFd;
+    const MAX: usize = 256;
+    // SAFETY: IfReqAddr is plain old data; all zeroes is valid.
+    let mut reqs: Vec<IfReqAddr> = vec![unsafe { std::mem::zeroed() }; MAX];
+    let mut conf = IfConf {
+        len: (MAX * std::mem::size_of::<IfReqAddr>()) as libc::c_int,
+        buf: reqs.as_mut_ptr(),
+    };
+    // SAFETY: `conf` points to a buffer of `len` bytes that outlives the call; the kernel
+    // writes at most that many and sets `len` to what it wrote.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFCONF as _, &mut conf as *mut IfConf) })?;
+    let n = (conf.len.max(0) as usize / std::mem::size_of::<IfReqAddr>()).min(MAX);
+    let mut out = Vec::new();
+    for r in &reqs[..n] {
+        let end = r.name.iter().position(|&b| b == 0).unwrap_or(r.name.len());
+        let name = &r.name[..end];
+        let ours = name == ifname.as_bytes()
+            || name.strip_prefix(ifname.as_bytes()).is_some_and(|rest| rest.first() == Some(&b':'));
+        if !ours || r.addr.sin_family != libc::AF_INET as libc::sa_family_t {
+            continue;
+        }
+        let ip = Ipv4Addr::from(u32::from_be(r.addr.sin_addr.s_addr));
+        let mut q = *r;
+        // SAFETY: `q` is an initialised ifreq naming the address's label; SIOCGIFNETMASK
+        // writes a sockaddr_in into it.
+        let prefix = match cvt(unsafe {
+            libc::ioctl(sock.as_raw_fd(), SIOCGIFNETMASK as _, &mut q as *mut IfReqAddr)
+        }) {
+            Ok(_) => u32::from_be(q.addr.sin_addr.s_addr).count_ones() as u8,
+            Err(_) => 32,
+        };
+        out.push((IpAddr::V4(ip), prefix));
+    }
+    Ok(out)
+}
+
+/// IPv6 addresses of `ifname` from the text of `/proc/net/if_inet6` (address, index, prefix
+/// length, scope, flags, name; hex).
+fn ipv6_from_proc(ifname: &str, text: &str) -> Vec<(IpAddr, u8)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 6 || f[5] != ifname || f[0].len() != 32 {
+                return None;
+            }
+            let mut b = [0u8; 16];
+            for (i, byte) in b.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(f[0].get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            let prefix = u8::from_str_radix(f[2], 16).ok().filter(|&p| p <= 128)?;
+            Some((IpAddr::V6(Ipv6Addr::from(b)), prefix))
+        })
+        .collect()
+}
+
+fn getifaddrs_of(ifname: &str) -> io::Result<Vec<(IpAddr, u8)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
     cvt(unsafe { libc::getifaddrs(&mut head) })?;
@@ -123,6 +218,22 @@ mod tests {
         let a = if_addresses("lo").unwrap();
         assert!(a.contains(&(IpAddr::V4(Ipv4Addr::LOCALHOST), 8)), "{a:?}");
         assert!(if_addresses("nosuchif0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn test_addresses_without_netlink_match_getifaddrs_on_loopback() {
+        let v4 = ipv4_by_ioctl("lo").unwrap();
+        assert!(v4.contains(&(IpAddr::V4(Ipv4Addr::LOCALHOST), 8)), "{v4:?}");
+        let text = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                    fe80000000000000006976fffe6e0000 05 40 20 80  tap-shm\n\
+                    zz80000000000000006976fffe6e0001 05 40 20 80  tap-shm\n";
+        assert_eq!(ipv6_from_proc("lo", text), vec![(IpAddr::V6(Ipv6Addr::LOCALHOST), 128)]);
+        let tap = ipv6_from_proc("tap-shm", text);
+        assert_eq!(
+            tap,
+            vec![("fe80::69:76ff:fe6e:0".parse().unwrap(), 64)],
+            "the bad line is skipped"
+        );
     }
 
     #[test]

@@ -46,6 +46,11 @@ impl IfReq {
     }
 }
 
+/// An AF_INET datagram socket used only as a handle for interface ioctls.
+pub(crate) fn ctl_socket_inet() -> io::Result<OwnedFd> {
+    ctl_socket(libc::AF_INET)
+}
+
 /// A datagram socket used only as a handle for interface ioctls.
 fn ctl_socket(family: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the returned descriptor is checked and then owned.
