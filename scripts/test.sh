@@ -27,6 +27,7 @@ VM_TEST_PACKAGES=(
     qemu-system-x86  # qemu-system-x86_64 with ivshmem-plain / ivshmem-doorbell
     busybox-static   # the guest's userland
     cpio             # packing the initramfs
+    mmdebstrap       # the Debian root filesystem of the systemd-booted guests (tests/systemd_guests.rs)
 )
 # ---------------------------------------------------------------------------------------------
 ALL_PACKAGES=("${HOST_TEST_PACKAGES[@]}" "${VM_TEST_PACKAGES[@]}")

@@ -287,6 +287,10 @@ pub struct AgentArgs {
     /// the device or region); exit 0 if there is none, 1 otherwise.
     #[arg(long)]
     pub check_config: bool,
+    /// UNIX socket on which the agent answers `ivnet status` (created mode 0660, removed on
+    /// exit); `none` turns it off. Default /run/ivnet/<TAP>.sock.
+    #[arg(long, value_name = "PATH|none")]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Flags of `ivnet server`.
@@ -452,6 +456,7 @@ struct FileConfig {
     pin_macs: Option<Spanned<bool>>,
     mode: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    control_socket: Option<Spanned<PathBuf>>,
 }
 
 /// The keys of the configuration file, as an error about an unknown key lists them.
@@ -474,6 +479,7 @@ pub const FILE_KEYS: &[&str] = &[
     "pin-macs",
     "mode",
     "group",
+    "control-socket",
     "max-peers",
     "slots",
     "slot-size",
@@ -582,6 +588,8 @@ pub struct AgentConfig {
     pub create_mode: CreateMode,
     /// Where each key's value came from (keys as in the file), for `--check-config`.
     pub origins: Vec<(&'static str, Origin)>,
+    /// The control socket (`None`: the default for the TAP name; `none`: off).
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Default spin window in µs (see bench/README.md for the measurement behind it).
@@ -917,6 +925,11 @@ impl AgentConfig {
         Ok(AgentConfig {
             offload,
             pin_macs,
+            control_socket: m.pick(
+                "control-socket",
+                args.control_socket.clone(),
+                file.control_socket.as_ref(),
+            ),
             backend,
             geometry,
             peer_id,

@@ -10,13 +10,17 @@ pub mod agent;
 pub mod backend;
 pub mod check;
 pub mod config;
+pub mod control;
+pub mod docs;
 pub mod doorbell;
 pub mod mac;
+pub mod metrics;
 pub mod offload;
 pub mod region;
 pub mod server;
 pub mod stack;
 pub mod status;
+pub mod status_cmd;
 pub mod sys;
 
 /// Log target of the few lines shown at the default log level besides warnings: the one line

@@ -166,6 +166,22 @@ pub fn serialize<S: serde::Serializer>(m: &[u8; 6], s: S) -> Result<S::Ok, S::Er
     s.collect_str(&Mac(*m))
 }
 
+/// Reads a MAC written by [`serialize`] (the status an agent sends over its control socket).
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    // Any six hex pairs, including addresses a MAC flag would refuse: this is a report.
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut m = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(serde::de::Error::custom(format!("{s:?} is not a MAC address")));
+    }
+    for (b, p) in m.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a MAC address")))?;
+    }
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,6 @@ use ivnet::backend::pci::PciError;
 use ivnet::backend::server_client::ServerSession;
 use ivnet::backend::PciBackendError;
 use ivnet::config::{AgentArgs, AgentConfig, BackendChoice, Origin, ServerArgs};
-use ivnet::status::Status;
 
 /// An Ethernet segment between VMs and processes on one host, carried in shared memory.
 ///
@@ -47,18 +46,20 @@ enum Command {
     ///
     /// Example: ivnet stack --shm /dev/shm/ivnet --ip 10.0.0.2/24 ping 10.0.0.1 -c 3
     Stack(ivnet::stack::cli::StackArgs),
-    /// Show a region's header, peers (state, MAC, incarnation, heartbeat age), ring fill and
-    /// counters. Needs only read access to the region file (or, in a VM, to the device's BAR2).
-    Status {
-        /// Region file.
-        #[arg(long, value_name = "PATH", required_unless_present = "device")]
-        shm: Option<PathBuf>,
-        /// In a VM: read the region from the ivshmem PCI device (`auto` or a PCI address).
-        #[arg(long, value_name = "auto|ADDR", conflicts_with = "shm")]
-        device: Option<backend::pci::DeviceSpec>,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
+    /// Show a segment's members, rings and counters, from the local agent or a region file.
+    ///
+    /// The header, every peer (state, MAC, IP addresses, incarnation, heartbeat age), ring fill
+    /// and counters. By default it asks the local agent (its control socket,
+    /// /run/ivnet/tap-shm.sock), which works in a VFIO guest too; --shm or --device read a
+    /// region directly (only read access needed).
+    ///
+    /// Example: ivnet status --watch     ivnet status --shm /dev/shm/ivnet --format prometheus
+    Status(ivnet::status_cmd::StatusArgs),
+    /// Write the man page and shell completions (bash, zsh, fish) into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -132,22 +133,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ivnet::stack::cli::run(&args)?;
             Ok(())
         }
-        Command::Status { shm, device, json } => {
-            let region = match (shm, device) {
-                (Some(shm), _) => backend::file::open_read_only(&shm)?,
-                (None, Some(spec)) => {
-                    let dev = backend::pci::IvshmemDevice::find(&spec)?;
-                    backend::sysfs::SysfsDevice::open_read_only(&dev)?
-                }
-                (None, None) => anyhow::bail!("give --shm PATH or --device auto"),
-            };
-            let status = Status::read(&region);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status).context("encoding JSON")?);
-            } else {
-                print!("{}", status.to_text());
-            }
-            Ok(())
+        Command::Status(args) => ivnet::status_cmd::run(&args),
+        Command::GenerateDocs { dir } => {
+            use clap::CommandFactory;
+            ivnet::docs::generate(Cli::command(), &dir)
+                .with_context(|| format!("writing docs into {}", dir.display()))
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::region::layout::{DoorbellCounter, PeerCounter};
 use crate::region::ring::RingSnapshot;
@@ -21,7 +21,7 @@ pub const STALE_AFTER: Duration = Duration::from_secs(2);
 const HEARTBEAT_WATCH: Duration = Duration::from_millis(300);
 
 /// Whether a member is there, as `status` judges it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Liveness {
     /// Never used.
@@ -39,7 +39,7 @@ pub enum Liveness {
 }
 
 /// One peer as `status` reports it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// Peer id.
     pub id: u32,
@@ -59,10 +59,14 @@ pub struct PeerStatus {
     pub counters: PeerCounters,
     /// The owner's doorbell counters.
     pub doorbells: DoorbellCounters,
+    /// The owner's IP addresses with prefix length (from the peer info table; empty when it
+    /// published none, e.g. an older member).
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// Counters of a peer's local interface and switch.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerCounters {
     /// Frames read from the local interface.
     pub local_rx_frames: u64,
@@ -92,7 +96,7 @@ pub struct PeerCounters {
 }
 
 /// Doorbell counters of a peer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DoorbellCounters {
     /// Doorbells rung.
     pub rung: u64,
@@ -105,7 +109,7 @@ pub struct DoorbellCounters {
 }
 
 /// One ring as `status` reports it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RingStatus {
     /// Producer.
     pub src: u32,
@@ -117,7 +121,7 @@ pub struct RingStatus {
 }
 
 /// Everything `status` shows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// Region name (path).
     pub region: String,
@@ -137,6 +141,9 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Rings between members that are or were present, with any traffic or fill.
     pub rings: Vec<RingStatus>,
+    /// The agent that answered, when the status came from its control socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<crate::control::AgentInfo>,
 }
 
 impl Status {
@@ -152,6 +159,12 @@ impl Status {
                     return None;
                 }
                 let c = |k: PeerCounter| slot.counter(k);
+                let addresses = match region.peer_info(id).read(entry.incarnation) {
+                    crate::region::info::InfoRead::Current(a) => {
+                        a.addrs.iter().map(|(ip, p)| format!("{ip}/{p}")).collect()
+                    }
+                    _ => Vec::new(),
+                };
                 let d = |k: DoorbellCounter| slot.doorbell_counter(k);
                 Some(PeerStatus {
                     id,
@@ -182,6 +195,7 @@ impl Status {
                         wakeups: d(DoorbellCounter::Wakeups),
                         spins_with_work: d(DoorbellCounter::SpinsWithWork),
                     },
+                    addresses,
                 })
             })
             .collect();
@@ -205,6 +219,7 @@ impl Status {
             geometry: g,
             peers,
             rings,
+            agent: None,
         }
     }
 
@@ -227,6 +242,9 @@ impl Status {
             "geometry: {} peer slots, {} segments of {} bytes per ring, segment MTU {}",
             g.max_peers, g.ring_slots, g.slot_size, g.mtu
         );
+        if let Some(a) = &self.agent {
+            s.push_str(&a.to_text());
+        }
         if self.peers.is_empty() {
             let _ = writeln!(s, "no peers have joined");
             return s;
@@ -257,9 +275,18 @@ impl Status {
             let c = &p.counters;
             // The counters come from the region, which any member can write: they must not
             // overflow the sum (found by fuzz/fuzz_targets/region.rs).
-            let drops = [c.drop_to_self, c.drop_oversize, c.drop_runt, c.drop_offload, c.local_kernel_drops]
-                .iter()
-                .fold(c.drop_no_peer, |sum, &n| sum.saturating_add(n));
+            let drops = [
+                c.drop_to_self,
+                c.drop_oversize,
+                c.drop_runt,
+                c.drop_offload,
+                c.local_kernel_drops,
+            ]
+            .iter()
+            .fold(c.drop_no_peer, |sum, &n| sum.saturating_add(n));
+            // A stack peer has no TAP: its local counters are smoltcp's, not shown as TAP ones.
+            let has_tap = e.kind != crate::region::PeerKind::Stack;
+            let tap = |v: u64| if has_tap { v.to_string() } else { "-".into() };
             let _ = writeln!(
                 s,
                 "{:>4}  {:<8} {:<6} {:<17} {:>11} {:>8} {:>9} {:>6} {:<26} {:>10} {:>10} {:>8}",
@@ -272,12 +299,15 @@ impl Status {
                 age,
                 e.mtu,
                 p.offloads,
-                c.local_rx_frames,
-                c.local_tx_frames,
+                tap(c.local_rx_frames),
+                tap(c.local_tx_frames),
                 drops
             );
             if let Some(why) = &p.down_reason {
                 let _ = writeln!(s, "      down: {why}");
+            }
+            if !p.addresses.is_empty() {
+                let _ = writeln!(s, "      addresses: {}", p.addresses.join(" "));
             }
             if drops > 0 {
                 let _ = writeln!(

@@ -59,6 +59,9 @@ pub enum AgentError {
     /// The data path stopped.
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(crate::control::ControlError),
 }
 
 fn evloop(what: &'static str) -> impl FnOnce(io::Error) -> AgentError {
@@ -153,7 +156,44 @@ pub fn run(
         cfg.addresses.iter().map(|a| format!(" {a}")).collect::<String>()
     );
     let who = format!("peer {} on {} ({tap_name})", claim.id, region.name());
-    let result = event_loop(&mut dp, tap_fd, &signals, cfg, &mut wakeups, &who);
+    // The control socket (`ivnet status` asks it) and the address publisher (issue 8).
+    let backend = match &cfg.backend {
+        crate::config::BackendChoice::File { path, .. } => format!("file {}", path.display()),
+        crate::config::BackendChoice::Server { socket } => format!("server {}", socket.display()),
+        crate::config::BackendChoice::Pci { spec, .. } => {
+            let dev = match spec {
+                crate::backend::pci::DeviceSpec::Auto => "auto".to_string(),
+                crate::backend::pci::DeviceSpec::Address(a) => a.clone(),
+            };
+            let how = if wakeups.as_ref().is_some_and(|w| !w.own.is_empty()) {
+                "vfio (MSI-X)"
+            } else {
+                "sysfs (polling)"
+            };
+            format!("{how} device {dev}")
+        }
+    };
+    let identity = crate::control::AgentIdentity {
+        tap: tap_name.clone(),
+        claim,
+        backend,
+        mac: mac.0,
+        mtu: cfg.mtu,
+        offloads,
+    };
+    let mut control = match crate::control::Control::start(
+        cfg.control_socket.as_deref(),
+        region.clone(),
+        identity,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            dp.leave();
+            return Err(AgentError::Control(e));
+        }
+    };
+    let result = event_loop(&mut dp, tap_fd, &signals, cfg, &mut wakeups, &who, &mut control);
+    drop(control);
     crate::sys::sd::stopping(&format!("{who}: leaving"));
     dp.leave();
     if let Some(w) = wakeups.as_mut() {
@@ -173,6 +213,7 @@ fn event_loop(
     cfg: &AgentConfig,
     wakeups: &mut Option<Wakeups>,
     who: &str,
+    control: &mut crate::control::Control,
 ) -> Result<(), AgentError> {
     use std::os::fd::AsRawFd;
     let mut poll = Poll::new().map_err(evloop("epoll"))?;
@@ -200,6 +241,7 @@ fn event_loop(
                 .map_err(evloop("register the control socket"))?;
         }
     }
+    control.register(reg).map_err(evloop("register the status socket"))?;
     // Without doorbells of our own nobody can wake us: poll the rings (we may still ring others).
     let polling = wakeups.as_ref().is_none_or(|w| w.own.is_empty());
     if polling {
@@ -224,6 +266,7 @@ fn event_loop(
         };
         let next_hk = dp.housekeeping(now)?;
         service.tick(dp.links(), now);
+        control.tick(now, poll.registry());
         let work = dp.tx(now) + dp.rx(now, notifier);
         dp.publish(notifier);
         if work > 0 {
@@ -319,6 +362,9 @@ fn event_loop(
                             }
                         }
                     }
+                }
+                t if crate::control::Control::owns(t) => {
+                    control.handle(t, poll.registry(), dp.links());
                 }
                 Token(t) if t >= TOKEN_DOORBELL_BASE => {
                     let vector = t - TOKEN_DOORBELL_BASE;

@@ -3,6 +3,7 @@
 //! ```text
 //! 0        header (4 KiB): magic, version, init word, features, geometry, offsets
 //! 4096     peer table: max_peers entries of 256 bytes (state, incarnation, heartbeat, MAC, ...)
+//! info     peer info table: max_peers entries of 256 bytes (the owner's IP addresses), v2
 //! rings    max_peers * (max_peers - 1) rings, one per ordered pair (src, dst), src != dst,
 //!          each `ring_stride` bytes (page aligned): control, descriptors, data segments
 //! ```
@@ -13,12 +14,17 @@
 
 /// `b"IVNETSEG"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"IVNETSEG");
-/// Layout version this build writes and understands.
-pub const VERSION: u32 = 1;
+/// Layout version this build writes and understands. Version 2 added the peer info table
+/// (members' IP addresses) between the peer table and the rings.
+pub const VERSION: u32 = 2;
 /// Bytes reserved for the header.
 pub const HEADER_SIZE: usize = 4096;
 /// Bytes per peer-table entry.
 pub const PEER_ENTRY_SIZE: usize = 256;
+/// Bytes per peer-info entry (see [`info`]).
+pub const INFO_ENTRY_SIZE: usize = 256;
+/// IP addresses a peer-info entry holds.
+pub const INFO_MAX_ADDRS: usize = 10;
 /// Bytes of ring control (a producer line and a consumer line, 128 bytes each so that adjacent
 /// line prefetching does not make them share).
 pub const RING_CONTROL_SIZE: usize = 256;
@@ -74,6 +80,12 @@ pub mod hdr {
     pub const RING_STRIDE: usize = 80;
     /// u64 count of initialisations of this region (bumped on each one).
     pub const GENERATION: usize = 88;
+    /// u64 offset of the peer info table (v2).
+    pub const INFO_TABLE: usize = 96;
+    /// u32 bytes per peer-info entry (v2).
+    pub const INFO_ENTRY: usize = 104;
+    /// u32 reserved.
+    pub const RESERVED1: usize = 108;
 }
 
 /// Init word states.
@@ -121,6 +133,28 @@ pub mod peer {
     pub const COUNTERS: usize = 64;
     /// Owner's doorbell counters: 8 u64 starting here (see [`super::DoorbellCounter`]).
     pub const DOORBELL_COUNTERS: usize = 192;
+}
+
+/// Peer-info entry field offsets (relative to the entry). Written by the slot's owner only,
+/// under a sequence word: the owner makes it odd, writes, and makes it even again; a reader
+/// keeps what it read only if the word was even and unchanged around its reads. Every value is
+/// checked by the reader (count, family, prefix length).
+pub mod info {
+    /// u32 sequence word: odd while the owner writes the entry.
+    pub const SEQ: usize = 0;
+    /// u32: number of addresses in the low 8 bits ([`super::INFO_MAX_ADDRS`] at most); bit 8
+    /// set when the owner had more than fit.
+    pub const COUNT: usize = 4;
+    /// u64 the owner's incarnation when it wrote the entry: a reader ignores an entry written
+    /// by an earlier owner of the slot.
+    pub const INCARNATION: usize = 8;
+    /// [`super::INFO_MAX_ADDRS`] addresses of [`ADDR_SIZE`] bytes from here.
+    pub const ADDRS: usize = 16;
+    /// Bytes per address: u8 family (4 or 6), u8 prefix length, 6 bytes zero, then 16 bytes of
+    /// address (an IPv4 address in the first 4), as three u64 words.
+    pub const ADDR_SIZE: usize = 24;
+    /// Bit of [`COUNT`] set when addresses were left out.
+    pub const TRUNCATED: u32 = 1 << 8;
 }
 
 /// Ring control field offsets (relative to the ring).
@@ -173,7 +207,7 @@ pub const DESC_LAST: u16 = 2;
 pub const KNOWN_INCOMPAT: u32 = 0;
 
 /// Life cycle of a peer-table slot, written by its owner only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerState {
     /// Never used.
@@ -185,6 +219,7 @@ pub enum PeerState {
     /// Left cleanly.
     Left,
     /// A value this build does not know (a newer or broken peer).
+    #[serde(other)]
     Unknown,
 }
 
@@ -212,15 +247,16 @@ impl PeerState {
 }
 
 /// What kind of member owns a slot (informational, for `status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerKind {
-    /// Unknown or unset.
-    Unknown = 0,
     /// `ivnet agent` with a TAP.
     Agent = 1,
     /// `ivnet stack` (smoltcp, no TAP).
     Stack = 2,
+    /// Unknown or unset (last: any other name read back from JSON is this one).
+    #[serde(other)]
+    Unknown = 0,
 }
 
 impl PeerKind {
@@ -289,7 +325,7 @@ pub enum DoorbellCounter {
 pub const DOORBELL_COUNTERS: usize = 8;
 
 /// The shape of a region: how many peers, and the rings between them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Geometry {
     /// Peer slots (ids 0..max_peers).
     pub max_peers: u32,
@@ -360,6 +396,8 @@ pub struct Layout {
     pub geometry: Geometry,
     /// Offset of the peer table.
     pub peer_table: usize,
+    /// Offset of the peer info table.
+    pub info_table: usize,
     /// Offset of the first ring.
     pub rings: usize,
     /// Bytes per ring (page aligned).
@@ -439,13 +477,23 @@ impl Geometry {
             });
         }
         let peer_table = HEADER_SIZE;
-        let rings = align_up(peer_table + self.max_peers as usize * PEER_ENTRY_SIZE, 4096);
+        let info_table = peer_table + self.max_peers as usize * PEER_ENTRY_SIZE;
+        let rings = align_up(info_table + self.max_peers as usize * INFO_ENTRY_SIZE, 4096);
         let ring_descs = RING_CONTROL_SIZE;
         let ring_data = align_up(ring_descs + self.ring_slots as usize * DESC_SIZE, 64);
         let ring_stride =
             align_up(ring_data + self.ring_slots as usize * self.slot_size as usize, 4096);
         let total = rings + self.ring_count() as usize * ring_stride;
-        Ok(Layout { geometry: *self, peer_table, rings, ring_stride, ring_descs, ring_data, total })
+        Ok(Layout {
+            geometry: *self,
+            peer_table,
+            info_table,
+            rings,
+            ring_stride,
+            ring_descs,
+            ring_data,
+            total,
+        })
     }
 
     /// Checks that the layout fits in `size` bytes.
@@ -484,6 +532,12 @@ impl Layout {
         self.peer_table + id as usize * PEER_ENTRY_SIZE
     }
 
+    /// Offset of peer-info entry `id` (must be `< max_peers`).
+    pub fn info(&self, id: u32) -> usize {
+        assert!(id < self.geometry.max_peers, "peer id {id} out of range");
+        self.info_table + id as usize * INFO_ENTRY_SIZE
+    }
+
     /// Offset of the ring from `src` to `dst` (both `< max_peers`, distinct).
     pub fn ring(&self, src: u32, dst: u32) -> usize {
         let n = self.geometry.max_peers;
@@ -509,13 +563,32 @@ mod tests {
         assert_eq!(peer::COUNTERS + PEER_COUNTERS * 8, peer::DOORBELL_COUNTERS);
         assert_eq!(peer::DOORBELL_COUNTERS + DOORBELL_COUNTERS * 8, PEER_ENTRY_SIZE);
         assert_eq!(ring::TAIL, 128);
+        assert_eq!(VERSION, 2);
+        assert_eq!(hdr::INFO_TABLE, 96);
+        assert_eq!(hdr::INFO_ENTRY, 104);
+        assert_eq!(info::ADDRS + INFO_MAX_ADDRS * info::ADDR_SIZE, INFO_ENTRY_SIZE);
         let l = g(8, 512, 2048, 65521).layout().unwrap();
         assert_eq!(l.peer_table, 4096);
+        assert_eq!(l.info_table, 4096 + 8 * 256);
+        assert_eq!(l.info(3), 4096 + 8 * 256 + 3 * 256);
+        // With 8 peers both tables fit in the page after the header: the rings did not move.
         assert_eq!(l.rings, 8192);
         assert_eq!(l.ring_descs, 256);
         assert_eq!(l.ring_data, 256 + 512 * 32);
         assert_eq!(l.ring_stride, 1_069_056);
         assert_eq!(l.total, 8192 + 56 * 1_069_056);
+    }
+
+    #[test]
+    fn test_info_table_sits_between_peer_table_and_rings() {
+        for n in [2, 8, 16, 33, 64] {
+            let l = g(n, 128, 2048, 1500).layout().unwrap();
+            assert_eq!(l.info_table, l.peer_table + n as usize * PEER_ENTRY_SIZE);
+            assert!(l.info(n - 1) + INFO_ENTRY_SIZE <= l.rings, "{n} peers");
+            assert_eq!(l.rings % 4096, 0);
+        }
+        // 64 peers: 16 KiB of peer table and 16 KiB of info table after the header.
+        assert_eq!(g(64, 128, 2048, 1500).layout().unwrap().rings, 4096 + 2 * 64 * 256);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! over as a [`SharedMemory`]; this module gives out safe, typed, bounds-checked views of the
 //! header, the peer table and the rings. Raw pointer work is confined to [`raw`].
 
+pub mod info;
 pub mod layout;
 pub mod raw;
 pub mod ring;
@@ -371,6 +372,8 @@ impl Region {
         set32(hdr::MTU, geometry.mtu);
         set64(hdr::PEER_TABLE, layout.peer_table as u64);
         set32(hdr::PEER_ENTRY, layout::PEER_ENTRY_SIZE as u32);
+        set64(hdr::INFO_TABLE, layout.info_table as u64);
+        set32(hdr::INFO_ENTRY, layout::INFO_ENTRY_SIZE as u32);
         set64(hdr::RINGS, layout.rings as u64);
         set64(hdr::RING_STRIDE, layout.ring_stride as u64);
         let generation = raw.u64_at(hdr::GENERATION).load(Ordering::Relaxed);
@@ -454,6 +457,8 @@ impl Region {
         let offsets = [
             ("peer table offset", get64(hdr::PEER_TABLE), layout.peer_table as u64),
             ("peer entry size", get32(hdr::PEER_ENTRY) as u64, layout::PEER_ENTRY_SIZE as u64),
+            ("peer info table offset", get64(hdr::INFO_TABLE), layout.info_table as u64),
+            ("peer info entry size", get32(hdr::INFO_ENTRY) as u64, layout::INFO_ENTRY_SIZE as u64),
             ("rings offset", get64(hdr::RINGS), layout.rings as u64),
             ("ring stride", get64(hdr::RING_STRIDE), layout.ring_stride as u64),
         ];
@@ -538,6 +543,11 @@ impl Region {
     pub fn peer(&self, id: u32) -> PeerSlot<'_> {
         PeerSlot { raw: &self.raw, base: self.layout.peer(id) }
     }
+
+    /// The peer-info entry of `id` (`id < max_peers`): the owner's IP addresses.
+    pub fn peer_info(&self, id: u32) -> info::PeerInfo<'_> {
+        info::PeerInfo::new(&self.raw, self.layout.info(id))
+    }
 }
 
 /// The magic word (0: blank), after checking the header fits at all.
@@ -618,7 +628,7 @@ pub struct PeerSlot<'r> {
 }
 
 /// Everything `status` shows of one peer entry, read at one moment.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct PeerSnapshot {
     /// Slot state as its owner wrote it (`status` judges liveness separately).
     #[serde(rename = "slot_state")]
@@ -634,7 +644,10 @@ pub struct PeerSnapshot {
     /// Wall-clock ms of the last heartbeat.
     pub heartbeat_ms: u64,
     /// MAC address.
-    #[serde(serialize_with = "crate::mac::serialize")]
+    #[serde(
+        serialize_with = "crate::mac::serialize",
+        deserialize_with = "crate::mac::deserialize"
+    )]
     pub mac: [u8; 6],
     /// MTU.
     pub mtu: u32,
@@ -894,7 +907,8 @@ mod tests {
         let r = Region::attach(mem.clone(), "v", &GeometryRequest::default()).unwrap();
         r.raw().u32_at(hdr::VERSION).store(7, Ordering::Relaxed);
         let e = Region::attach(mem, "v", &GeometryRequest::default()).err().unwrap();
-        assert!(e.to_string().contains("version 7, this ivnet understands version 1"), "{e}");
+        let want = format!("version 7, this ivnet understands version {VERSION}");
+        assert!(e.to_string().contains(&want), "{e}");
     }
 
     #[test]

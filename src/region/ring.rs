@@ -963,7 +963,7 @@ impl Consumer {
 }
 
 /// A read-only look at a ring's control part, for `status`.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct RingSnapshot {
     /// Producer's head.
     pub head: u32,

@@ -505,6 +505,14 @@ impl Stack {
             ..DatapathOptions::default()
         };
         let dp = Datapath::join(region.clone(), claim, NoInterface, mac.0, PeerKind::Stack, opts);
+        // Every reader of the region sees the stack's addresses (issue 8).
+        let published: Vec<(std::net::IpAddr, u8)> = cfg
+            .addresses
+            .iter()
+            .map(|c| (c.addr, c.prefix))
+            .chain(std::iter::once((std::net::IpAddr::V6(link_local(mac)), 64)))
+            .collect();
+        region.peer_info(claim.id).publish(claim.incarnation, &published);
         let mut device = RingDevice::new(dp, notifier, cfg.mtu);
         let epoch = Instant::now();
         let seed = random_u64();

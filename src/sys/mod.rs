@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 pub mod access;
+pub mod ctl;
 pub mod fdpass;
 pub mod notify;
 pub mod sd;
@@ -49,6 +50,11 @@ impl IfReq {
         }
         Ok(r)
     }
+}
+
+/// An AF_INET datagram socket used only as a handle for interface ioctls.
+pub(crate) fn ctl_socket_inet() -> io::Result<OwnedFd> {
+    ctl_socket(libc::AF_INET)
 }
 
 /// A datagram socket used only as a handle for interface ioctls.

@@ -331,6 +331,11 @@ impl Agent {
             &id,
         ]);
         argv.extend_from_slice(extra);
+        // Test agents stay off the host's default control socket (/run/ivnet/tap-shm.sock)
+        // unless a test asks for one.
+        if !extra.contains(&"--control-socket") {
+            argv.extend_from_slice(&["--control-socket", "none"]);
+        }
         let child = ns
             .command(&argv)
             .stdin(Stdio::null())

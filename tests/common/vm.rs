@@ -315,6 +315,24 @@ impl Guest {
     /// Launches the guest (does not wait; see [`Guest::wait_ready`]). `boot` numbers the
     /// launches of one guest (files `NAME.BOOT.console`).
     pub fn launch(spec: &GuestSpec, boot: u32) -> Guest {
+        let files = [
+            "--script".to_string(),
+            spec.script.display().to_string(),
+            "--file".to_string(),
+            format!("{}:/bin/ivnet", spec.agent.display()),
+        ];
+        Guest::launch_with(spec, boot, &files, "")
+    }
+
+    /// Like [`Guest::launch`], with `run_guest_args` (e.g. `--file SRC:DEST`, `--mem 1G`)
+    /// instead of the script and agent of `spec` (which are then unused), and `kernel_args`
+    /// added to the kernel command line.
+    pub fn launch_with(
+        spec: &GuestSpec,
+        boot: u32,
+        run_guest_args: &[String],
+        kernel_args: &str,
+    ) -> Guest {
         let tag = format!("{}.{boot}", spec.name);
         let console = spec.dir.join(format!("{tag}.console"));
         let ctl_path = spec.dir.join(format!("{tag}.ctl"));
@@ -326,15 +344,12 @@ impl Guest {
         let mut cmd = Command::new(Path::new(REPO).join("tests/vm/run-guest.sh"));
         cmd.arg("--kit")
             .arg(&spec.kit)
-            .arg("--script")
-            .arg(&spec.script)
-            .arg("--file")
-            .arg(format!("{}:/bin/ivnet", spec.agent.display()))
+            .args(run_guest_args)
             .args(["--name", &spec.name, "--timeout", &GUEST_LIFETIME_S.to_string()])
             // Under TCG on a busy host the kernel's boot-time check of the timer interrupt can
             // fail, and with interrupt remapping on it then panics ("timer doesn't work through
             // Interrupt-remapped IO-APIC"). Skip the check.
-            .args(["--append", "no_timer_check"]);
+            .args(["--append", format!("no_timer_check {kernel_args}").trim_end()]);
         match &spec.nic {
             Nic::Doorbell { socket } => {
                 cmd.arg("--doorbell").arg(socket).args(["--vectors", "2"]);
