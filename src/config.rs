@@ -260,8 +260,8 @@ pub struct AgentArgs {
     /// and doorbells come from the server, as for QEMU.
     #[arg(long, value_name = "PATH", conflicts_with = "shm")]
     pub socket: Option<PathBuf>,
-    /// With doorbells: keep polling this long after the last activity before sleeping on the
-    /// doorbell, in µs (0: never spin, sleep at once). Default 100.
+    /// Keep polling this long after the last activity, in µs (0: never spin): with doorbells
+    /// before sleeping on them, without before waiting for the next poll interval. Default 100.
     #[arg(long, value_name = "US")]
     pub spin_us: Option<u64>,
     /// In a VM: use the ivshmem PCI device (`auto` finds it, or a PCI address like

@@ -314,6 +314,14 @@ fn event_loop(
                     until_hk
                 })
             }
+        } else if now.duration_since(last_work) < cfg.spin {
+            // Polling without doorbells: right after activity keep looking instead of waiting
+            // for the poll timer, as with doorbells (a bulk stream otherwise waits up to a poll
+            // interval between bursts, and a request/response a whole interval per hop).
+            if !dp.rx_pending() {
+                std::thread::yield_now();
+            }
+            Some(Duration::ZERO)
         } else {
             Some(next_hk.saturating_duration_since(now))
         };
