@@ -578,12 +578,7 @@ impl<T: FrameIo> Datapath<T> {
         if !fits {
             return false;
         }
-        let mut dst = [0u8; 6];
-        let mut src = [0u8; 6];
-        dst.copy_from_slice(&frame[0..6]);
-        src.copy_from_slice(&frame[6..12]);
-        self.switch.learn(src, self.claim.id, now);
-        let flooded = match self.switch.forward(dst, now) {
+        let flooded = match self.switch_local(frame, now) {
             Forward::Unicast(p) if p == peer && self.links.is_up(p) => false,
             // A flood whose only recipient is that peer.
             Forward::Flood if self.links.up_count() == 1 && self.links.is_up(peer) => true,
@@ -735,12 +730,9 @@ impl<T: FrameIo> Datapath<T> {
             self.drop_local(PeerCounter::DropOffload, len, now);
             return false;
         }
-        let mut dst = [0u8; 6];
-        let mut src = [0u8; 6];
-        dst.copy_from_slice(&frame[0..6]);
-        src.copy_from_slice(&frame[6..12]);
-        self.switch.learn(src, self.claim.id, now);
-        match self.switch.forward(dst, now) {
+        let mut addrs = [0u8; 12];
+        addrs.copy_from_slice(&frame[..12]);
+        match self.switch_addresses(addrs, now) {
             Forward::ToSelf => self.drop_local(PeerCounter::DropToSelf, len, now),
             Forward::Unicast(peer) => {
                 if !self.links.is_up(peer) {
@@ -752,6 +744,23 @@ impl<T: FrameIo> Datapath<T> {
             Forward::Flood => self.flood(len, hdr, now),
         }
         false
+    }
+
+    /// Learns that the source MAC of a local frame (at least an Ethernet header) lives here,
+    /// and tells where its destination is.
+    fn switch_local(&mut self, frame: &[u8], now: Instant) -> Forward {
+        let mut addrs = [0u8; 12];
+        addrs.copy_from_slice(&frame[..12]);
+        self.switch_addresses(addrs, now)
+    }
+
+    /// [`Datapath::switch_local`] for the first 12 bytes (destination, source) of a frame.
+    fn switch_addresses(&mut self, addrs: [u8; 12], now: Instant) -> Forward {
+        let (mut dst, mut src) = ([0u8; 6], [0u8; 6]);
+        dst.copy_from_slice(&addrs[..6]);
+        src.copy_from_slice(&addrs[6..]);
+        self.switch.learn(src, self.claim.id, now);
+        self.switch.forward(dst, now)
     }
 
     /// Sends to one peer; returns true if the frame now waits (the local interface is not

@@ -237,16 +237,7 @@ impl Producer {
             return Err(PushError::Empty);
         }
         let total = meta.len() + frame_len;
-        if meta.len() > MAX_META as usize
-            || frame_len > self.g.max_eth as usize
-            || total > self.g.max_frame as usize
-        {
-            return Err(PushError::Oversize(frame_len));
-        }
-        let need = self.segments_for(total);
-        if !self.has_room(need) {
-            return Err(PushError::Full);
-        }
+        let need = self.room_for_frame(meta.len(), frame_len)?;
         // The frame's segments are consecutive in the data area (one run, or two when the
         // ring wraps), and each is filled before the next: the bytes go in with one copy per
         // run and slice, and the descriptors with one copy per run.
@@ -272,6 +263,23 @@ impl Producer {
         }
         self.queue(need, meta.len(), total);
         Ok(())
+    }
+
+    /// Checks that a frame of `frame_len` bytes with `meta_len` bytes of metadata may travel and
+    /// fits now; returns the segments it needs.
+    fn room_for_frame(&mut self, meta_len: usize, frame_len: usize) -> Result<u32, PushError> {
+        let total = meta_len + frame_len;
+        if meta_len > MAX_META as usize
+            || frame_len > self.g.max_eth as usize
+            || total > self.g.max_frame as usize
+        {
+            return Err(PushError::Oversize(frame_len));
+        }
+        let need = self.segments_for(total);
+        if !self.has_room(need) {
+            return Err(PushError::Full);
+        }
+        Ok(need)
     }
 
     /// Writes the descriptors of a frame whose `total` bytes (`meta_len` of metadata first) are
@@ -348,16 +356,7 @@ impl Producer {
         if frame_len == 0 {
             return Err(PushError::Empty);
         }
-        if meta_len > MAX_META as usize
-            || frame_len > self.g.max_eth as usize
-            || total > self.g.max_frame as usize
-        {
-            return Err(PushError::Oversize(frame_len));
-        }
-        let need = self.segments_for(total);
-        if !self.has_room(need) {
-            return Err(PushError::Full);
-        }
+        let need = self.room_for_frame(meta_len, frame_len)?;
         self.queue(need, meta_len, total);
         Ok(())
     }

@@ -518,7 +518,7 @@ impl Server {
             }
             self.flush(&poll, t);
         }
-        crate::sys::sd_notify_ready(&format!(
+        crate::sys::sd::ready(&format!(
             "listening on {} ({} peers)",
             self.cfg.socket.display(),
             self.clients.len()

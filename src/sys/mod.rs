@@ -487,10 +487,3 @@ pub fn wall_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
-
-/// Tells systemd (Type=notify) that start-up finished, if `NOTIFY_SOCKET` is set.
-pub fn sd_notify_ready(status: &str) {
-    if let Err(e) = notify::notify(&format!("READY=1\nSTATUS={status}\n"), &[]) {
-        log::warn!("sd_notify failed: {e}");
-    }
-}

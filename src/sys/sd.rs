@@ -6,29 +6,16 @@
 //! Without a service manager (`NOTIFY_SOCKET` unset) every call does nothing.
 
 use std::io;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
 /// Longest `STATUS=` text sent (systemd takes one line; the whole datagram must stay small).
 const STATUS_MAX: usize = 1024;
 
 /// Sends `state` (newline-separated `KEY=VALUE` lines) to the service manager. `Ok(false)` when
-/// there is none (`NOTIFY_SOCKET` unset or empty).
+/// there is none (`NOTIFY_SOCKET` unset or empty). (The datagram itself, also with descriptors
+/// for the fd store, is [`super::notify::notify`].)
 pub fn notify(state: &str) -> io::Result<bool> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
-        return Ok(false);
-    };
-    let sock = UnixDatagram::unbound()?;
-    let bytes = path.as_encoded_bytes();
-    if let Some(abs) = bytes.strip_prefix(b"@") {
-        // `@name` is a socket in the abstract namespace.
-        use std::os::linux::net::SocketAddrExt;
-        let addr = SocketAddr::from_abstract_name(abs)?;
-        sock.send_to_addr(state.as_bytes(), &addr)?;
-    } else {
-        sock.send_to(state.as_bytes(), &path)?;
-    }
-    Ok(true)
+    super::notify::notify(state, &[])
 }
 
 /// Sends `state`, logging (not returning) a failure: the service keeps running either way, and
