@@ -18,22 +18,7 @@ pub fn send_with_fd(sock: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) } as usize;
-        debug_assert!(space <= mem::size_of_val(&control));
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points to `space` writable bytes (checked above), so the first
-        // header and its data fit; CMSG_* only compute addresses inside that buffer.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        }
-    }
+    attach_fds(&mut msg, &mut control, fd.as_slice());
     // SAFETY: `msg` refers to `iov` (pointing at `bytes`) and `control`, all alive for the call;
     // the kernel only reads them.
     let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
@@ -41,6 +26,36 @@ pub fn send_with_fd(sock: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// Attaches `fds` to `msg` as one SCM_RIGHTS control message written into `control` (nothing
+/// when `fds` is empty). `control` must stay alive, and not move, until `msg` has been sent.
+///
+/// # Panics
+///
+/// If `control` cannot hold the message: a caller's sizing bug.
+pub(super) fn attach_fds(msg: &mut libc::msghdr, control: &mut [u64], fds: &[RawFd]) {
+    if fds.is_empty() {
+        return;
+    }
+    let data_len = mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+    assert!(space <= mem::size_of_val(control), "no room for {} descriptors", fds.len());
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points to `space` writable bytes (checked above), room for one header
+    // with `fds.len()` descriptors; CMSG_* only compute addresses inside that buffer.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as _;
+        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+        for (i, &fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(data.add(i), fd);
+        }
     }
 }
 
@@ -112,31 +127,15 @@ pub fn recv_with_fds_lossy(
 pub fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let fds = &fds[..fds.len().min(253)];
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
-    let data_len = mem::size_of_val(fds) as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(mem::size_of_val(fds) as u32) } as usize;
     // Aligned for cmsghdr (8 bytes).
     let mut control = vec![0u64; space.div_ceil(8)];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points to `space` writable bytes, room for one header with
-        // `fds.len()` descriptors; CMSG_* only compute addresses inside that buffer.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as _;
-            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-            for (i, &fd) in fds.iter().enumerate() {
-                std::ptr::write_unaligned(data.add(i), fd);
-            }
-        }
-    }
+    attach_fds(&mut msg, &mut control, fds);
     // SAFETY: `msg` refers to `iov` (pointing at `bytes`) and `control`, all alive for the call;
     // the kernel only reads them.
     let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };

@@ -64,26 +64,7 @@ pub fn notify(state: &str, fds: &[RawFd]) -> io::Result<bool> {
     msg.msg_iovlen = 1;
     // Room for MAX_FDS_PER_MESSAGE descriptors, aligned for cmsghdr.
     let mut control = [0u64; 2 + MAX_FDS_PER_MESSAGE / 2 + 1];
-    if !fds.is_empty() {
-        let data_len = mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        debug_assert!(space <= mem::size_of_val(&control));
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points to `space` writable bytes, enough for one header and
-        // `fds.len()` descriptors; CMSG_* only compute addresses inside that buffer.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as _;
-            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-            for (i, &fd) in fds.iter().enumerate() {
-                std::ptr::write_unaligned(data.add(i), fd);
-            }
-        }
-    }
+    super::fdpass::attach_fds(&mut msg, &mut control, fds);
     loop {
         // SAFETY: `msg` refers to `addr`, `iov` (pointing at `state`) and `control`, all alive
         // for the call; the kernel only reads them.
