@@ -401,7 +401,7 @@ impl<T: FrameIo> Datapath<T> {
         // unable to hold all the small frames at once: then as many as fit go, and the rest is
         // counted as dropped (TCP resends it).
         let whole = need <= prod.slots();
-        if whole && !prod.has_room_for(need) {
+        if whole && !prod.has_room(need) {
             return Err(SendError::Full);
         }
         let mut result = Ok(());

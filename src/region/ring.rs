@@ -201,10 +201,11 @@ impl Producer {
         (len.max(1) as u32).div_ceil(self.g.slot_size)
     }
 
-    /// Free segments, re-reading the consumer's tail only if `need` do not fit in the cached
-    /// view (so the consumer's cache line is not touched on every frame).
+    /// Whether `need` free segments (see [`Producer::segments_for`]) are available now, e.g.
+    /// for all the frames a super-frame is segmented into. Re-reads the consumer's tail only if
+    /// they do not fit in the cached view (so its cache line is not touched on every frame).
     #[inline]
-    fn has_room(&mut self, need: u32) -> bool {
+    pub fn has_room(&mut self, need: u32) -> bool {
         let used = self.head.wrapping_sub(self.tail_cache);
         if self.g.slots - used.min(self.g.slots) >= need {
             return true;
@@ -241,28 +242,39 @@ impl Producer {
         // The frame's segments are consecutive in the data area (one run, or two when the
         // ring wraps), and each is filled before the next: the bytes go in with one copy per
         // run and slice, and the descriptors with one copy per run.
-        let slot = self.g.slot_size as usize;
-        let idx0 = self.head & self.g.mask();
-        let first_run = need.min(self.g.slots - idx0);
-        let split = (first_run as usize * slot).min(total);
-        let (run0, run1) = (self.g.seg(idx0), self.g.seg(0));
+        let runs = self.runs(need, total);
         let mut pos = 0;
         for piece in std::iter::once(meta).chain(parts.iter().copied()) {
-            let mut rest = piece;
-            while !rest.is_empty() {
-                let (dst, room) = if pos < split {
-                    (run0 + pos, split - pos)
-                } else {
-                    (run1 + pos - split, total - pos)
-                };
-                let n = rest.len().min(room);
-                self.raw.copy_in(dst, &rest[..n]).expect("segments inside region");
-                pos += n;
-                rest = &rest[n..];
-            }
+            pos += self.copy_into(&runs, pos, piece);
         }
         self.queue(need, meta.len(), total);
         Ok(())
+    }
+
+    /// The byte ranges (absolute region offsets, in order) of the first `len` bytes of the
+    /// `need` segments at head: one run, or two when the ring wraps.
+    fn runs(&self, need: u32, len: usize) -> [(usize, usize); 2] {
+        let idx0 = self.head & self.g.mask();
+        let first_run = need.min(self.g.slots - idx0);
+        let first = (first_run as usize * self.g.slot_size as usize).min(len);
+        [(self.g.seg(idx0), first), (self.g.seg(0), len - first)]
+    }
+
+    /// Copies `bytes` into `runs` (see [`Producer::runs`]) at stream offset `at`; returns how
+    /// many fitted.
+    fn copy_into(&self, runs: &[(usize, usize); 2], at: usize, bytes: &[u8]) -> usize {
+        let (mut done, mut skip) = (0, at);
+        for &(off, len) in runs {
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(bytes.len() - done);
+            self.raw.copy_in(off + skip, &bytes[done..done + n]).expect("segments inside region");
+            done += n;
+            skip = 0;
+        }
+        done
     }
 
     /// Checks that a frame of `frame_len` bytes with `meta_len` bytes of metadata may travel and
@@ -342,11 +354,7 @@ impl Producer {
         if !self.has_room(need) {
             return None;
         }
-        let slot = self.g.slot_size as usize;
-        let idx0 = self.head & self.g.mask();
-        let first_run = need.min(self.g.slots - idx0);
-        let first = (first_run as usize * slot).min(max_len);
-        Some([(self.g.seg(idx0), first), (self.g.seg(0), max_len - first)])
+        Some(self.runs(need, max_len))
     }
 
     /// Queues the frame written into the space [`Producer::reserve`] returned: `meta_len` bytes
@@ -396,19 +404,7 @@ impl Producer {
 
     /// Writes `bytes` into the reserved space (for fakes and tests: what a `readv` would do).
     pub fn fill_reserved(&self, ranges: &[(usize, usize); 2], bytes: &[u8]) -> usize {
-        let mut done = 0;
-        for &(off, len) in ranges {
-            let n = len.min(bytes.len() - done);
-            self.raw.copy_in(off, &bytes[done..done + n]).expect("reserved range");
-            done += n;
-        }
-        done
-    }
-
-    /// Whether `need` free segments are available now (see [`Producer::segments_for`]): lets a
-    /// caller that sends a frame as several (segmentation) check room for all of them first.
-    pub fn has_room_for(&mut self, need: u32) -> bool {
-        self.has_room(need)
+        self.copy_into(ranges, 0, bytes)
     }
 
     /// Segments in the ring.
