@@ -519,8 +519,8 @@ impl<T: FrameIo> Datapath<T> {
     }
 
     /// Where to read the next local frame: space reserved in the ring of the last unicast
-    /// destination, if it is up, takes everything our interface produces, and has room for the
-    /// largest frame (as large as the transmit buffer, so truncation is detected the same way).
+    /// destination, if it is up, keeps nothing held for it, and has room for the largest frame
+    /// (as large as the transmit buffer, so truncation is detected the same way).
     fn speculate(&mut self) -> Option<(u32, [(usize, usize); 2])> {
         // Only for an interface without offloads: its frames come with checksums the kernel
         // completed before they reached the ring. Offloaded frames get theirs completed in the
@@ -530,20 +530,18 @@ impl<T: FrameIo> Datapath<T> {
             return None;
         }
         let peer = self.last_dst?;
-        if !self.links.is_up(peer)
-            || self.held[peer as usize].is_some()
-            || !self.peers[peer as usize].accepts.contains(self.offloads.unwrap_or_default())
-        {
+        if !self.links.is_up(peer) || self.held[peer as usize].is_some() {
             return None;
         }
         let ranges = self.producers[peer as usize].as_mut()?.reserve(self.buf.len())?;
         Some((peer, ranges))
     }
 
-    /// Queues the frame just read into `peer`'s ring where it lies, if it is for `peer` and
-    /// `peer` takes it as it is (what [`Datapath::forward_local`] and [`Datapath::send_to`]
-    /// would decide). Returns false, having changed nothing but the switch's learning, if it
-    /// must go the usual way. The decision uses a copy of the headers: the ring is shared.
+    /// Queues the plain frame (`n` bytes; see [`Datapath::speculate`]: no offloads, so no header
+    /// before it) just read into `peer`'s ring where it lies, if it is for `peer` and fits both
+    /// MTUs (what [`Datapath::forward_local`] and [`Datapath::send_to`] would decide). Returns
+    /// false, having changed nothing but the switch's learning, if it must go the usual way. The
+    /// decision uses a copy of the header: the ring is shared.
     fn commit_in_place(
         &mut self,
         peer: u32,
@@ -551,45 +549,25 @@ impl<T: FrameIo> Datapath<T> {
         n: usize,
         now: Instant,
     ) -> bool {
-        let room = self.hdr_room;
-        if n < room + 14 {
+        debug_assert_eq!(self.hdr_room, 0, "frames are read into a ring only without offloads");
+        if n < 14 || n > self.max_eth || n > self.peers[peer as usize].max_eth {
             return false;
         }
-        let len = n - room;
-        let mut head = [0u8; VNET_HDR_LEN + HEADER_PEEK];
-        let seen = n.min(head.len());
+        let mut addrs = [0u8; 12];
         let prod = self.producers[peer as usize].as_ref().expect("producer");
-        prod.copy_reserved(ranges, 0, &mut head[..seen]);
-        let hdr = if room > 0 {
-            VnetHdr::decode(head[..VNET_HDR_LEN].try_into().expect("12 bytes"))
-        } else {
-            VnetHdr::default()
-        };
-        let frame = &head[room..seen];
-        let target = self.peers[peer as usize];
-        let fits = if hdr.is_plain() {
-            len <= self.max_eth && len <= target.max_eth
-        } else {
-            self.offloads.is_some_and(|f| f.accepts(&hdr))
-                && hdr.validate_len(len).is_ok()
-                && target.accepts.accepts(&hdr)
-                && hdr.largest_segment_len_of(frame, len).is_some_and(|l| l <= target.max_eth)
-        };
-        if !fits {
-            return false;
-        }
-        let flooded = match self.switch_local(frame, now) {
+        prod.copy_reserved(ranges, 0, &mut addrs);
+        let flooded = match self.switch_addresses(addrs, now) {
             Forward::Unicast(p) if p == peer && self.links.is_up(p) => false,
             // A flood whose only recipient is that peer.
             Forward::Flood if self.links.up_count() == 1 && self.links.is_up(peer) => true,
             _ => return false,
         };
         let prod = self.producers[peer as usize].as_mut().expect("producer");
-        if prod.commit_reserved(room, n).is_err() {
+        if prod.commit_reserved(0, n).is_err() {
             return false;
         }
         self.count(PeerCounter::LocalRxFrames, 1);
-        self.count(PeerCounter::LocalRxBytes, len as u64);
+        self.count(PeerCounter::LocalRxBytes, n as u64);
         if flooded {
             self.count(PeerCounter::Flooded, 1);
         }
@@ -746,15 +724,8 @@ impl<T: FrameIo> Datapath<T> {
         false
     }
 
-    /// Learns that the source MAC of a local frame (at least an Ethernet header) lives here,
-    /// and tells where its destination is.
-    fn switch_local(&mut self, frame: &[u8], now: Instant) -> Forward {
-        let mut addrs = [0u8; 12];
-        addrs.copy_from_slice(&frame[..12]);
-        self.switch_addresses(addrs, now)
-    }
-
-    /// [`Datapath::switch_local`] for the first 12 bytes (destination, source) of a frame.
+    /// Learns that the source MAC of a local frame lives here, and tells where its destination
+    /// is; `addrs` are the frame's first 12 bytes (destination, source).
     fn switch_addresses(&mut self, addrs: [u8; 12], now: Instant) -> Forward {
         let (mut dst, mut src) = ([0u8; 6], [0u8; 6]);
         dst.copy_from_slice(&addrs[..6]);
