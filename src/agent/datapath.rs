@@ -421,11 +421,11 @@ impl<T: FrameIo> Datapath<T> {
     /// Moves frames from the local interface into the rings: at most one batch. Returns the
     /// number of frames handled.
     ///
-    /// A frame is read straight into the ring of the peer the last unicast frame went to when
-    /// that peer takes everything our interface produces and the ring has room for the largest
-    /// frame: if the frame is for that peer, it is queued where it lies (one copy from the
-    /// kernel, none of ours). Otherwise it is copied out into the transmit buffer and goes the
-    /// usual way.
+    /// Without offloads, a frame is read straight into the ring of the peer the last unicast
+    /// frame went to when that ring has room for the largest frame: if the frame is for that
+    /// peer, it is queued where it lies (one copy from the kernel, none of ours); otherwise it
+    /// is copied out into the transmit buffer and goes the usual way. With offloads it is read
+    /// into the transmit buffer, where its checksum is completed (see `complete_checksum`).
     pub fn tx(&mut self, now: Instant) -> usize {
         if !self.retry_held(now) {
             return 0;
