@@ -196,11 +196,7 @@ impl Tap {
                 "TAP {name}: the kernel refused {what} ({source}); using plain frames without \
                  offloads (slower; --offload off says so explicitly)"
             );
-            Ok(Tap {
-                fd: sys::tun::open_tap(name, false).map_err(|e| open_error(name, e))?.0,
-                name: name.into(),
-                offloads: None,
-            })
+            Self::open_plain(name)
         };
         if let Err(e) = sys::tun::set_vnet_hdr(fd.as_raw_fd(), VNET_HDR_LEN) {
             drop(fd);
