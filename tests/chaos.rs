@@ -84,11 +84,7 @@ fn chaos_scribbles_over_the_region_during_a_tcp_transfer() {
     }
     let secs = std::env::var("IVNET_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let duration = Duration::from_secs(secs);
-    let mut lab = Lab::new(3);
-    for ns in &lab.ns {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
+    let mut lab = Lab::quiet(3);
     lab.start_all(&[]);
     for (a, b) in [(0, 1), (1, 0), (0, 2), (1, 2)] {
         lab.wait_reachable(a, b, Duration::from_secs(10));

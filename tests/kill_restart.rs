@@ -54,11 +54,7 @@ fn kill_and_restart_50_times_during_traffic() {
     if !require_root(test) {
         return;
     }
-    let mut lab = Lab::new(3);
-    for ns in &lab.ns {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
+    let mut lab = Lab::quiet(3);
     lab.start_all(&[]);
     for (a, b) in [(0, 1), (1, 0), (0, 2), (1, 2)] {
         lab.wait_reachable(a, b, Duration::from_secs(10));

@@ -20,12 +20,8 @@ fn mixed_mtus_oversized_frames_stop_at_the_sender_and_traffic_flows() {
     if !require_root("mixed_mtus_oversized_frames_stop_at_the_sender_and_traffic_flows") {
         return;
     }
-    let mut lab = Lab::new(2);
-    for ns in &lab.ns {
-        // IPv6 off, so no neighbour discovery or MLD frames blur the TAP counters.
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
+    // IPv6 off, so no neighbour discovery or MLD frames blur the TAP counters.
+    let mut lab = Lab::quiet(2);
     lab.start(0, &["--mtu", "9000"]);
     lab.start(1, &["--mtu", "1500", "--pin-macs"]);
     lab.wait_reachable(0, 1, STEP);

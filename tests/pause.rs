@@ -20,15 +20,6 @@ const LINK_TIMEOUT: Duration = Duration::from_secs(1);
 /// The bound the issue sets after SIGCONT.
 const RECOVERY: Duration = Duration::from_secs(2);
 
-fn quiet_lab(n: usize) -> Lab {
-    let lab = Lab::new(n);
-    for ns in &lab.ns {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
-    lab
-}
-
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions; the pid is a process this test started.
     let r = unsafe { libc::kill(pid as i32, sig) };
@@ -65,7 +56,7 @@ fn paused_member_comes_back_without_a_restart() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = quiet_lab(3);
+    let mut lab = Lab::quiet(3);
     lab.start_all(&[]);
     for (a, b) in [(0, 1), (1, 0), (2, 1)] {
         lab.wait_reachable(a, b, Duration::from_secs(10));
@@ -109,7 +100,7 @@ fn paused_member_whose_slot_was_taken_rejoins_under_another() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = quiet_lab(4);
+    let mut lab = Lab::quiet(4);
     lab.start(0, &[]);
     lab.start(1, &[]);
     // C runs in its own pid namespace, like an agent in another VM: nobody can check its pid.

@@ -147,8 +147,7 @@ fn quiet_namespaces() -> Vec<Netns> {
     (0..3)
         .map(|_| {
             let ns = Netns::new();
-            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+            ns.disable_ipv6();
             ns
         })
         .collect()

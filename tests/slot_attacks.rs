@@ -26,15 +26,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// The bound the issue sets: the victim answers again within 2 s of the attack.
 const RECOVERY: Duration = Duration::from_secs(2);
 
-fn quiet_lab(n: usize) -> Lab {
-    let lab = Lab::new(n);
-    for ns in &lab.ns {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
-    lab
-}
-
 /// The region as an attacker sees it: mapped read-write, nothing claimed.
 fn attacker(path: &Path) -> Region {
     ivnet::backend::file::attach(path, None, &GeometryRequest::default())
@@ -47,7 +38,7 @@ fn store64(r: &Region, off: usize, v: u64) {
 
 /// Three agents (peer ids 0..3, victim 1) that all reach each other.
 fn three_agents() -> Lab {
-    let mut lab = quiet_lab(3);
+    let mut lab = Lab::quiet(3);
     lab.start_all(&[]);
     for (a, b) in [(0, 1), (1, 0), (0, 2), (1, 2)] {
         lab.wait_reachable(a, b, Duration::from_secs(10));
@@ -142,7 +133,7 @@ fn attack_init_word_blank_does_not_wipe_the_table() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = quiet_lab(4);
+    let mut lab = Lab::quiet(4);
     for i in 0..3 {
         lab.start(i, &[]);
     }

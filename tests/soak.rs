@@ -72,11 +72,7 @@ fn soak_bidirectional_counters_reconcile() {
         return;
     }
     let secs = std::env::var("IVNET_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
-    let mut lab = Lab::new(2);
-    for ns in &lab.ns {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-    }
+    let mut lab = Lab::quiet(2);
     lab.start_all(&[]);
     lab.wait_reachable(0, 1, Duration::from_secs(10));
     lab.wait_reachable(1, 0, Duration::from_secs(10));

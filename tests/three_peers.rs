@@ -21,11 +21,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Namespaces with IPv6 off (set before the TAPs exist, so `default` applies to them) and
 /// broadcast pings answered.
 fn quiet_lab(n: usize) -> Lab {
-    let lab = Lab::new(n);
+    let lab = Lab::quiet(n);
     for ns in &lab.ns {
-        // Absent when the kernel has no IPv6 at all, which is just as quiet.
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         assert!(ns.sysctl("net.ipv4.icmp_echo_ignore_broadcasts", "0"));
     }
     lab
