@@ -47,20 +47,13 @@ fn mac(id: u32) -> [u8; 6] {
 
 /// One round of every member: links, tx, rx, publish.
 fn round(members: &mut [&mut Datapath<FakeTap>]) {
-    let now = Instant::now();
-    for m in members.iter_mut() {
-        m.force_housekeeping();
-        m.housekeeping(now).unwrap();
-    }
-    for m in members.iter_mut() {
-        m.set_tap_readable(); // what the TAP's readiness event does in the agent's loop
-        m.tx(now);
-        m.publish(&mut NoDoorbells);
-    }
-    for m in members.iter_mut() {
-        m.rx(now, &mut NoDoorbells);
-        m.publish(&mut NoDoorbells);
-    }
+    round_at_all(members, Instant::now());
+}
+
+/// One round of every member at `now` (also for the link tests).
+pub(super) fn round_at_all(members: &mut [&mut Datapath<FakeTap>], now: Instant) {
+    let readers = vec![true; members.len()];
+    round_at(members, &readers, now);
 }
 
 #[test]
@@ -410,7 +403,7 @@ fn round_at(members: &mut [&mut Datapath<FakeTap>], readers: &[bool], now: Insta
         m.housekeeping(now).unwrap();
     }
     for m in members.iter_mut() {
-        m.set_tap_readable();
+        m.set_tap_readable(); // what the TAP's readiness event does in the agent's loop
         m.tx(now);
         m.publish(&mut NoDoorbells);
     }

@@ -925,19 +925,7 @@ mod tests {
 
     /// One round of every member at `now`: heartbeat and link checks, tx, rx, publish.
     fn round(ms: &mut [&mut Datapath<FakeTap>], now: Instant) {
-        for m in ms.iter_mut() {
-            m.force_housekeeping();
-            m.housekeeping(now).unwrap();
-        }
-        for m in ms.iter_mut() {
-            m.set_tap_readable();
-            m.tx(now);
-            m.publish(&mut NoDoorbells);
-        }
-        for m in ms.iter_mut() {
-            m.rx(now, &mut NoDoorbells);
-            m.publish(&mut NoDoorbells);
-        }
+        super::super::datapath_tests::round_at_all(ms, now);
     }
 
     /// Whether a frame from `a` to `b`'s MAC reaches `b`'s interface within a few rounds.
