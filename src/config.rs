@@ -400,19 +400,23 @@ impl ServerArgs {
             ),
             ("vectors", cfg.vectors.to_string(), "flag or default"),
         ];
-        let g = &cfg.geometry;
-        for (key, v) in [
-            ("max-peers", g.max_peers),
-            ("slots", g.ring_slots),
-            ("slot-size", g.slot_size),
-            ("segment-mtu", g.mtu),
-        ] {
-            if let Some(v) = v {
-                lines.push((key, v.to_string(), "flag"));
-            }
+        for (key, v) in geometry_keys(&cfg.geometry) {
+            lines.push((key, v.to_string(), "flag"));
         }
         lines.into_iter().map(|(k, v, o)| format!("{:<40} # {o}\n", format!("{k} = {v}"))).collect()
     }
+}
+
+/// The geometry values given, under their keys in the configuration file.
+fn geometry_keys(g: &GeometryRequest) -> impl Iterator<Item = (&'static str, u32)> {
+    [
+        ("max-peers", g.max_peers),
+        ("slots", g.ring_slots),
+        ("slot-size", g.slot_size),
+        ("segment-mtu", g.mtu),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| v.map(|v| (key, v)))
 }
 
 /// Size of a region the server creates when no --size is given.
@@ -991,16 +995,8 @@ impl AgentConfig {
         lines.push(("link-timeout-ms", self.link_timeout.as_millis().to_string()));
         lines.push(("offload", q(&self.offload.to_string())));
         lines.push(("pin-macs", self.pin_macs.to_string()));
-        let g = &self.geometry;
-        for (key, v) in [
-            ("max-peers", g.max_peers),
-            ("slots", g.ring_slots),
-            ("slot-size", g.slot_size),
-            ("segment-mtu", g.mtu),
-        ] {
-            if let Some(v) = v {
-                lines.push((key, v.to_string()));
-            }
+        for (key, v) in geometry_keys(&self.geometry) {
+            lines.push((key, v.to_string()));
         }
         let mut out = String::new();
         for (key, value) in lines {

@@ -1000,39 +1000,27 @@ impl<T: FrameIo> Datapath<T> {
             links, region, switch, stalled, blocked, held, slow, peers, consumers, ..
         } = self;
         let segment_mtu = region.geometry().mtu;
-        // What the peer's interface takes, read once per incarnation. The values are the
-        // peer's own business: a wrong MTU or feature set only costs it frames.
-        let mut read_iface = |id: u32, mac: [u8; 6]| {
+        // What the peer's interface takes, read once per incarnation (and logged with `what`
+        // happened). The values are the peer's own business: a wrong MTU or feature set only
+        // costs it frames.
+        let mut read_iface = |id: u32, mac: [u8; 6], what: &str| {
             let snap = region.peer(id).snapshot();
             let mtu = snap.mtu.clamp(68, segment_mtu);
-            let iface = PeerIface {
-                accepts: Features::from_bits_truncate(snap.features),
-                max_eth: (mtu + ETH_OVERHEAD) as usize,
-                mac,
-            };
-            peers[id as usize] = iface;
-            iface
+            let accepts = Features::from_bits_truncate(snap.features);
+            log::info!(
+                "peer {id} ({}) {what}: MTU {mtu}, offloads {accepts}",
+                crate::mac::Mac(mac)
+            );
+            peers[id as usize] = PeerIface { accepts, max_eth: (mtu + ETH_OVERHEAD) as usize, mac };
         };
         links.tick(region, now, |ev| match ev {
             LinkEvent::Up { id, mac } => {
-                let iface = read_iface(id, mac);
-                log::info!(
-                    "peer {id} ({}) is up: MTU {}, offloads {}",
-                    crate::mac::Mac(mac),
-                    iface.max_eth - ETH_OVERHEAD as usize,
-                    iface.accepts
-                );
+                read_iface(id, mac, "is up");
                 switch.learn(mac, id, now);
                 stalled[id as usize] = false;
             }
             LinkEvent::Restarted { id, mac } => {
-                let iface = read_iface(id, mac);
-                log::info!(
-                    "peer {id} ({}) restarted with a new incarnation: MTU {}, offloads {}",
-                    crate::mac::Mac(mac),
-                    iface.max_eth - ETH_OVERHEAD as usize,
-                    iface.accepts
-                );
+                read_iface(id, mac, "restarted with a new incarnation");
                 switch.forget_peer(id);
                 switch.learn(mac, id, now);
                 stalled[id as usize] = false;

@@ -872,21 +872,7 @@ pub fn tcp_transfer(
         let mut s = TcpStream::connect_timeout(&addr, SOCKET_TIMEOUT)
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         s.set_write_timeout(Some(SOCKET_TIMEOUT)).expect("write timeout");
-        let mut rng = PseudoRandom::new(seed);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            rng.fill(&mut buf);
-            s.write_all(&buf[..n]).unwrap_or_else(|e| {
-                panic!("writing to {addr} with {left} of {bytes} bytes left: {e}")
-            });
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        (TransferEnd { bytes, sha256: h.finalize().into() }, start.elapsed())
+        (send_stream(&mut s, addr, bytes, seed), start.elapsed())
     });
     let left = deadline.saturating_duration_since(Instant::now());
     let (sent, elapsed) = sender.join(left);
@@ -924,23 +910,30 @@ pub fn kernel_tcp_send(
 ) -> NetnsTask<TransferEnd> {
     in_netns(ns, "kernel TCP sender", move || {
         let mut s = connect_retry(addr, connect_timeout);
-        let mut rng = PseudoRandom::new(seed);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            rng.fill(&mut buf);
-            s.write_all(&buf[..n])
-                .unwrap_or_else(|e| panic!("writing to {addr}, {left} left: {e}"));
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let sent = send_stream(&mut s, addr, bytes, seed);
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap_or_else(|e| panic!("waiting for {addr} to close: {e}"));
-        TransferEnd { bytes, sha256: h.finalize().into() }
+        sent
     })
+}
+
+/// Writes `bytes` pseudo-random bytes from `seed` on `s` (connected to `addr`), then shuts its
+/// sending side; returns the count and their digest.
+fn send_stream(s: &mut TcpStream, addr: SocketAddr, bytes: u64, seed: u64) -> TransferEnd {
+    let mut rng = PseudoRandom::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf);
+        s.write_all(&buf[..n])
+            .unwrap_or_else(|e| panic!("writing to {addr} with {left} of {bytes} bytes left: {e}"));
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    TransferEnd { bytes, sha256: h.finalize().into() }
 }
 
 /// Hex form of a digest.
