@@ -811,8 +811,11 @@ impl<T: FrameIo> Datapath<T> {
             }
             _ => return Err(RxDrop::Offload),
         };
+        // A plain frame needs only its Ethernet header looked at; an offloaded one its L3/L4
+        // headers too (for the size of its segments).
+        let peek = if hdr.is_plain() { 14 } else { HEADER_PEEK };
         let mut head = [0u8; HEADER_PEEK];
-        let seen = cons.copy_prefix(&mut head[..info.len.min(HEADER_PEEK)]);
+        let seen = cons.copy_prefix(&mut head[..info.len.min(peek)]);
         if seen < 14 {
             return Err(RxDrop::Size);
         }
