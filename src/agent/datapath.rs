@@ -15,7 +15,7 @@ use super::tap::FrameIo;
 use crate::doorbell::{NoDoorbells, Notifier, VECTOR_DATA, VECTOR_LINK};
 use crate::offload::vnet::VIRTIO_NET_HDR_F_NEEDS_CSUM;
 use crate::offload::{
-    complete_checksum, Features, Gso, GsoError, Segmenter, VnetHdr, VNET_HDR_LEN,
+    partial_checksum, Features, Gso, GsoError, PartialChecksum, Segmenter, VnetHdr, VNET_HDR_LEN,
 };
 use crate::region::layout::{
     DoorbellCounter, PeerCounter, DOORBELL_COUNTERS, ETH_OVERHEAD, PEER_COUNTERS, SUPER_FRAME_MAX,
@@ -55,7 +55,7 @@ struct Blocked {
 }
 
 /// Where the frame to send is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     /// The transmit buffer.
     Buf,
@@ -174,6 +174,11 @@ pub struct Datapath<T: FrameIo> {
     /// The transmit buffer: `hdr_room` bytes of header, then the frame (one spare byte beyond
     /// the largest frame, so a read that fills it is known to be truncated).
     buf: Box<[u8]>,
+    /// The checksum of the frame in `buf` still to be completed: its header already says the
+    /// frame is complete, and no byte of it leaves private memory before this is done, either
+    /// by the copy into a ring (which sums as it copies) or in `buf` (see
+    /// [`Datapath::settle_checksum`]).
+    pending_csum: Option<PartialChecksum>,
     /// Largest plain Ethernet frame the local side sends or takes: MTU + 18.
     max_eth: usize,
     /// Other peers' interfaces (indexed by peer id).
@@ -266,6 +271,7 @@ impl<T: FrameIo> Datapath<T> {
             offloads,
             hdr_room,
             buf: vec![0u8; hdr_room + largest + 1].into_boxed_slice(),
+            pending_csum: None,
             max_eth,
             peers: vec![
                 PeerIface { accepts: Features::default(), max_eth: 0, mac: [0; 6] };
@@ -364,31 +370,49 @@ impl<T: FrameIo> Datapath<T> {
         len: usize,
         hdr: &VnetHdr,
     ) -> Result<(), SendError> {
-        let Datapath { producers, buf, held_buf, hdr_room, peers, segmenter, .. } = self;
+        let peer = self.peers[dst as usize];
+        let as_is = hdr.is_plain() || (!hdr.needs_csum() && peer.accepts.accepts(hdr));
+        if !as_is && src == Source::Buf {
+            // Segments are cut from the frame and summed anew: it must be complete first.
+            self.settle_checksum(len);
+        }
+        let Datapath { producers, buf, held_buf, hdr_room, segmenter, pending_csum, .. } = self;
         let frame = match src {
-            Source::Buf => &buf[*hdr_room..*hdr_room + len],
-            Source::Held(p) => &held_buf[p as usize][..len],
+            Source::Buf => &mut buf[*hdr_room..*hdr_room + len],
+            Source::Held(p) => &mut held_buf[p as usize][..len],
         };
         let prod = producers[dst as usize].as_mut().expect("producer for every other peer");
-        let peer = peers[dst as usize];
         let pushed = |r: Result<(), PushError>| match r {
             Ok(()) => Ok(()),
             Err(PushError::Full) => Err(SendError::Full),
             Err(PushError::Oversize(_) | PushError::Empty) => Err(SendError::Mtu),
         };
-        if hdr.is_plain() {
-            if len > peer.max_eth {
-                return Err(SendError::Mtu);
+        if as_is {
+            if hdr.is_plain() {
+                if len > peer.max_eth {
+                    return Err(SendError::Mtu);
+                }
+            } else {
+                match hdr.largest_segment_len(frame) {
+                    Some(l) if l <= peer.max_eth => {}
+                    Some(_) => return Err(SendError::Mtu),
+                    None => return Err(SendError::Offload),
+                }
             }
-            return pushed(prod.push(&[], frame));
-        }
-        if !hdr.needs_csum() && peer.accepts.accepts(hdr) {
-            return match hdr.largest_segment_len(frame) {
-                Some(l) if l <= peer.max_eth => pushed(prod.push(&hdr.encode(), frame)),
-                Some(_) => Err(SendError::Mtu),
-                None => Err(SendError::Offload),
+            let encoded = hdr.encode();
+            let meta: &[u8] = if hdr.is_plain() { &[] } else { &encoded };
+            let Some(p) = pending_csum.filter(|_| src == Source::Buf) else {
+                return pushed(prod.push(meta, frame));
             };
+            // Completed on the way into the ring, and then in `buf` for the next destination
+            // (a flood) or a retry.
+            let value = prod.push_summed(meta, frame, p.start..p.end, p.field, p.udp);
+            return pushed(value.map(|v| {
+                frame[p.field..p.field + 2].copy_from_slice(&v);
+                *pending_csum = None;
+            }));
         }
+        let frame = &*frame;
         let plan = segmenter.plan(frame, hdr, peer.max_eth).map_err(|e| match e {
             GsoError::TooLong { .. }
             | GsoError::DatagramTooLong { .. }
@@ -425,7 +449,8 @@ impl<T: FrameIo> Datapath<T> {
     /// frame went to when that ring has room for the largest frame: if the frame is for that
     /// peer, it is queued where it lies (one copy from the kernel, none of ours); otherwise it
     /// is copied out into the transmit buffer and goes the usual way. With offloads it is read
-    /// into the transmit buffer, where its checksum is completed (see `complete_checksum`).
+    /// into the transmit buffer, and its checksum is completed from those private bytes as they
+    /// are copied into the ring (see `complete_checksum`).
     pub fn tx(&mut self, now: Instant) -> usize {
         if !self.retry_held(now) {
             return 0;
@@ -499,17 +524,21 @@ impl<T: FrameIo> Datapath<T> {
     /// plain frame becomes complete. A UDP super-frame (USO) cannot go to a TAP without a
     /// partial checksum, so it keeps it and is cut into datagrams for every peer. Returns the
     /// header that now describes the frame.
+    ///
+    /// The sum itself is taken later, by the copy into the first ring the frame goes to (one
+    /// pass over the bytes instead of two), or by [`Datapath::settle_checksum`] before the frame
+    /// is used any other way: until then `pending_csum` says where it goes.
     fn complete_checksum(&mut self, hdr: VnetHdr, len: usize) -> VnetHdr {
+        self.pending_csum = None;
         if !hdr.needs_csum() || matches!(hdr.gso(), Ok(Gso::Udp)) {
             return hdr;
         }
-        let room = self.hdr_room;
-        let frame = &mut self.buf[room..room + len];
+        let frame = &self.buf[self.hdr_room..self.hdr_room + len];
         // Summed like a frame without GSO: from csum_start to the end of the IP packet.
         let whole = VnetHdr { gso_type: VnetHdr::PLAIN.gso_type, ..hdr };
-        match complete_checksum(frame, &whole) {
-            Ok((at, sum)) => {
-                frame[at..at + 2].copy_from_slice(&sum);
+        match partial_checksum(frame, &whole) {
+            Ok(p) => {
+                self.pending_csum = Some(p);
                 VnetHdr { flags: hdr.flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM, ..hdr }
             }
             // Not something we can complete: forward_local refuses it (partial checksums do
@@ -518,13 +547,23 @@ impl<T: FrameIo> Datapath<T> {
         }
     }
 
+    /// Completes the pending checksum of the frame in the transmit buffer (`len` bytes) in
+    /// place, for a use other than a copy into a ring: segmenting, or keeping it in a hold.
+    fn settle_checksum(&mut self, len: usize) {
+        if let Some(p) = self.pending_csum.take() {
+            let frame = &mut self.buf[self.hdr_room..self.hdr_room + len];
+            let value = p.complete(frame);
+            frame[p.field..p.field + 2].copy_from_slice(&value);
+        }
+    }
+
     /// Where to read the next local frame: space reserved in the ring of the last unicast
     /// destination, if it is up, keeps nothing held for it, and has room for the largest frame
     /// (as large as the transmit buffer, so truncation is detected the same way).
     fn speculate(&mut self) -> Option<(u32, [(usize, usize); 2])> {
         // Only for an interface without offloads: its frames come with checksums the kernel
-        // completed before they reached the ring. Offloaded frames get theirs completed in the
-        // private transmit buffer (see `complete_checksum`), never in shared memory, where a
+        // completed before they reached the ring. Offloaded frames get theirs summed over the
+        // private transmit buffer (see `complete_checksum`), never over shared memory, where a
         // scribble between the read and the sum would go unnoticed.
         if self.offloads.is_some() {
             return None;
@@ -661,6 +700,7 @@ impl<T: FrameIo> Datapath<T> {
             Err(SendError::Full) => {
                 // Publish what we have so the consumer can make room, keep the frame, and go on
                 // reading frames for the others.
+                self.settle_checksum(len);
                 let (room, d) = (self.hdr_room, dst as usize);
                 self.held_buf[d][..len].copy_from_slice(&self.buf[room..room + len]);
                 self.held[d] = Some(Held { len, hdr, since: now });
@@ -1158,6 +1198,7 @@ impl<T: FrameIo> Datapath<T> {
         if self.blocked.is_some() || len > self.max_eth {
             return None;
         }
+        self.pending_csum = None;
         Some(&mut self.buf[self.hdr_room..self.hdr_room + len])
     }
 

@@ -335,6 +335,88 @@ fn test_super_frames_go_as_they_are_to_offload_peers_and_segmented_to_others() {
     }
 }
 
+/// What `dst`'s interface got, as (header, frame) pairs; frames to a peer without offloads
+/// carry no header and get a plain one here.
+fn delivered(dst: &Datapath<FakeTap>) -> Vec<(VnetHdr, Vec<u8>)> {
+    let with_hdr = dst.tap.offloads.is_some();
+    let split = |f: &Vec<u8>| match with_hdr {
+        true => {
+            (VnetHdr::decode(f[..VNET_HDR_LEN].try_into().unwrap()), f[VNET_HDR_LEN..].to_vec())
+        }
+        false => (VnetHdr::default(), f.clone()),
+    };
+    dst.tap.outbound.iter().map(split).collect()
+}
+
+#[test]
+fn test_a_flooded_frame_reaches_each_peer_complete_whichever_comes_first() {
+    // The checksum is completed by the first copy into a ring: the peers after it, in either
+    // form, must get the completed bytes too.
+    for offload_peer_first in [true, false] {
+        let r = region(3, 256);
+        let (one, two) = match offload_peer_first {
+            true => (Some(Features::ALL), None),
+            false => (None, Some(Features::ALL)),
+        };
+        let mut a = member_with(&r, 0, Some(Features::ALL), 1500);
+        let (mut b, mut c) = (member_with(&r, 1, one, 1500), member_with(&r, 2, two, 1500));
+        round(&mut [&mut a, &mut b, &mut c]);
+        for name in ["tcp4_csum", "tcp4_gso"] {
+            let (hdr, f) = captured(name, [0xff; 6], mac(0));
+            a.tap.inbound.push_back(with_header(&hdr, &f));
+            b.tap.outbound.clear();
+            c.tap.outbound.clear();
+            round(&mut [&mut a, &mut b, &mut c]);
+            for (who, m) in [("B", &b), ("C", &c)] {
+                let got = delivered(m);
+                assert!(!got.is_empty(), "{name}: nothing reached {who}");
+                let mut payload = Vec::new();
+                for (h, frame) in &got {
+                    assert!(!h.needs_csum(), "{name} to {who}: a partial checksum");
+                    assert_checksums_complete(frame, &format!("{name} to {who}"));
+                    payload.extend_from_slice(&l4_payload(frame));
+                }
+                assert_eq!(payload, l4_payload(&f), "{name} to {who}: payload");
+            }
+        }
+    }
+}
+
+#[test]
+fn test_offloaded_frames_kept_for_a_full_ring_arrive_complete() {
+    // Two super-frames fill this ring: the rest are kept (completed in private memory) and
+    // sent as B drains.
+    let r = region(2, 64);
+    let (mut a, mut b) = (
+        member_with(&r, 0, Some(Features::ALL), 1500),
+        member_with(&r, 1, Some(Features::ALL), 1500),
+    );
+    round(&mut [&mut a, &mut b]);
+    let (hdr, f) = captured("tcp4_gso", mac(1), mac(0));
+    for _ in 0..6 {
+        a.tap.inbound.push_back(with_header(&hdr, &f));
+    }
+    let now = Instant::now();
+    a.set_tap_readable();
+    a.tx(now);
+    assert!(a.is_blocked(), "the ring took all six: nothing was kept");
+    for _ in 0..50 {
+        a.publish(&mut NoDoorbells);
+        b.rx(now, &mut NoDoorbells);
+        b.publish(&mut NoDoorbells);
+        a.set_tap_readable();
+        a.tx(now);
+    }
+    let got = delivered(&b);
+    assert_eq!(got.len(), 6);
+    for (h, frame) in &got {
+        assert!(!h.needs_csum());
+        assert_checksums_complete(frame, "kept super-frame");
+        assert_eq!(l4_payload(frame), l4_payload(&f));
+    }
+    assert_eq!(RingSnapshot::read(&r, 0, 1).tx_drop_full, 0);
+}
+
 #[test]
 fn test_a_partial_checksum_from_a_peer_is_refused() {
     let r = region(2, 256);

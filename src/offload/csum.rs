@@ -22,23 +22,53 @@ pub fn combine(a: u64, b: u64) -> u64 {
 /// byte is the high half of a word padded with zero. `data` may start at any address.
 #[inline]
 pub fn add(sum: u64, data: &[u8]) -> u64 {
-    // The native-order sum folded to 16 bits is the big-endian one with its bytes swapped.
-    combine(sum, u64::from(fold(sum_native(data)).to_be()))
+    add_visiting(sum, data, |_, _| {})
 }
 
-/// The sum of `data` read as native-order 64-bit words, with end-around carry.
-fn sum_native(data: &[u8]) -> u64 {
+/// [`add`], handing every piece of `data` to `visit` (its offset in `data` and its bytes, in
+/// order, together exactly `data`) right after summing it: a copy done in `visit` makes one pass
+/// over the data with the sum, the piece still in registers or L1. Pieces are 32 bytes but the
+/// last.
+#[inline(always)]
+pub fn add_visiting(sum: u64, data: &[u8], visit: impl FnMut(usize, &[u8])) -> u64 {
+    combine(sum, from_native(sum_native(data, visit)))
+}
+
+/// A partial sum of native-order words (of any width: they fold to the same 16 bits) as a
+/// partial sum in big-endian terms, ready to [`combine`].
+#[inline]
+pub fn from_native(native: u64) -> u64 {
+    // The native-order sum folded to 16 bits is the big-endian one with its bytes swapped.
+    u64::from(fold(native).to_be())
+}
+
+/// The contribution of a partial sum of bytes that start at an odd offset of the checksummed
+/// range: summed on their own, each byte took the other half of its 16-bit word, and swapping
+/// the folded sum puts them back (RFC 1071 §2(B)).
+#[inline]
+pub fn at_odd_offset(partial: u64) -> u64 {
+    u64::from(fold(partial).swap_bytes())
+}
+
+/// The sum of `data` read as native-order 64-bit words, with end-around carry; `visit` as in
+/// [`add_visiting`].
+#[inline(always)]
+fn sum_native(data: &[u8], mut visit: impl FnMut(usize, &[u8])) -> u64 {
     // Each 64-bit word goes into a 128-bit accumulator: an add and an add-with-carry into the
     // high half, which keeps the carries without a branch or a dependency on the next word.
     // Four accumulators let consecutive additions run in parallel. Measured here (64 KiB in
     // cache, best of 5): about 43 GB/s, against 29 for 64-bit end-around-carry accumulators.
     let mut acc = [0u128; 4];
     let (blocks, rest) = data.as_chunks::<32>();
-    for blk in blocks {
+    for (i, blk) in blocks.iter().enumerate() {
         let (words, _) = blk.as_chunks::<8>();
         for (a, w) in acc.iter_mut().zip(words) {
             *a += u128::from(u64::from_ne_bytes(*w));
         }
+        visit(i * 32, blk);
+    }
+    if !rest.is_empty() {
+        visit(data.len() - rest.len(), rest);
     }
     // Zero padding after the tail keeps every byte at its offset within its 16-bit word.
     let mut last = [0u8; 32];

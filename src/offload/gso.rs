@@ -248,15 +248,39 @@ fn parse_l3(frame: &[u8]) -> Result<L3, GsoError> {
     }
 }
 
-/// The checksum that completes a NEEDS_CSUM frame without GSO: the byte offset of the checksum
-/// field and the two bytes to store there. The caller sends the frame as three slices (before,
-/// these two bytes, after) without copying it.
+/// Where the checksum of a NEEDS_CSUM frame without GSO is summed and stored: found by
+/// [`partial_checksum`], completed by [`PartialChecksum::complete`] or by a copy that sums as it
+/// goes (`Producer::push_summed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialChecksum {
+    /// `csum_start`: the first summed byte.
+    pub start: usize,
+    /// End of the IP packet: padding behind it is not summed.
+    pub end: usize,
+    /// Offset of the 16-bit checksum field (inside `start..end`).
+    pub field: usize,
+    /// A UDP checksum, which is never sent as 0 (0 means "no checksum").
+    pub udp: bool,
+}
+
+impl PartialChecksum {
+    /// The two bytes that complete `frame`'s checksum, to store at `self.field`.
+    pub fn complete(&self, frame: &[u8]) -> [u8; 2] {
+        let mut value = csum::finish(csum::add(0, &frame[self.start..self.end]));
+        if self.udp && value == 0 {
+            value = 0xffff;
+        }
+        value.to_be_bytes()
+    }
+}
+
+/// Where to complete the checksum of a NEEDS_CSUM frame without GSO.
 ///
 /// As in Linux's `skb_checksum_help` and wireguard-go's `gsoNoneChecksum`: the field holds the
 /// uncomplemented pseudo-header sum, so the one's-complement sum from `csum_start` to the end of
-/// the IP packet (field included) is folded and complemented. For UDP a result of 0 is sent as
-/// 0xFFFF (0 would mean "no checksum"). Padding behind the IP packet is not summed.
-pub fn complete_checksum(frame: &[u8], hdr: &VnetHdr) -> Result<(usize, [u8; 2]), GsoError> {
+/// the IP packet (field included) is folded and complemented. Padding behind the IP packet is
+/// not summed.
+pub fn partial_checksum(frame: &[u8], hdr: &VnetHdr) -> Result<PartialChecksum, GsoError> {
     if !hdr.needs_csum() {
         return Err(GsoError::NoPartialChecksum(hdr.flags));
     }
@@ -265,8 +289,8 @@ pub fn complete_checksum(frame: &[u8], hdr: &VnetHdr) -> Result<(usize, [u8; 2])
     }
     let l3 = parse_l3(frame)?;
     let start = usize::from(hdr.csum_start);
-    let at = start + usize::from(hdr.csum_offset);
-    if start < l3.l4 || at + 2 > l3.end {
+    let field = start + usize::from(hdr.csum_offset);
+    if start < l3.l4 || field + 2 > l3.end {
         return Err(GsoError::CsumOutOfPacket {
             csum_start: hdr.csum_start,
             csum_offset: hdr.csum_offset,
@@ -274,12 +298,15 @@ pub fn complete_checksum(frame: &[u8], hdr: &VnetHdr) -> Result<(usize, [u8; 2])
             end: l3.end,
         });
     }
-    let mut value = csum::finish(csum::add(0, &frame[start..l3.end]));
     let udp = l3.protocol == IPPROTO_UDP || hdr.csum_offset == UDP_CSUM_OFFSET;
-    if udp && value == 0 {
-        value = 0xffff;
-    }
-    Ok((at, value.to_be_bytes()))
+    Ok(PartialChecksum { start, end: l3.end, field, udp })
+}
+
+/// The checksum that completes a NEEDS_CSUM frame without GSO (see [`partial_checksum`]): the
+/// byte offset of the checksum field and the two bytes to store there.
+pub fn complete_checksum(frame: &[u8], hdr: &VnetHdr) -> Result<(usize, [u8; 2]), GsoError> {
+    let p = partial_checksum(frame, hdr)?;
+    Ok((p.field, p.complete(frame)))
 }
 
 /// The headers of a GSO frame, found by parsing it.

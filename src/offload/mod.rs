@@ -19,5 +19,8 @@ pub mod csum;
 pub mod gso;
 pub mod vnet;
 
-pub use gso::{complete_checksum, GsoError, Plan, Segmenter, MAX_HEADERS_LEN};
+pub use gso::{
+    complete_checksum, partial_checksum, GsoError, PartialChecksum, Plan, Segmenter,
+    MAX_HEADERS_LEN,
+};
 pub use vnet::{Features, Gso, VnetError, VnetHdr, VNET_HDR_LEN};

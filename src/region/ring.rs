@@ -21,6 +21,7 @@ use std::sync::atomic::{fence, Ordering};
 use super::layout::{ring, DESC_FIRST, DESC_LAST, DESC_SIZE, MAX_META};
 use super::raw::RawRegion;
 use super::Region;
+use crate::offload::csum;
 
 /// A segment descriptor as stored in the ring (seed claims 42, 44, 45).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -251,6 +252,49 @@ impl Producer {
         Ok(())
     }
 
+    /// Queues one frame like [`Producer::push`] whose checksum is completed on the way in:
+    /// `frame[sum]` is summed as it is copied (one pass over the bytes, not a sum and then a
+    /// copy), and the 16-bit field at `frame[field..field + 2]`, which lies in that range and
+    /// holds the pseudo-header sum, gets the complemented result in the ring. Returns the two
+    /// bytes stored there, so the caller can complete its own copy of the frame. For UDP
+    /// (`udp`), a result of 0 is stored as 0xFFFF (0 means "no checksum").
+    ///
+    /// The sum covers the caller's private bytes as they were copied, never what is in shared
+    /// memory afterwards: a scribble on the ring stays a checksum error for the receiver.
+    pub fn push_summed(
+        &mut self,
+        meta: &[u8],
+        frame: &[u8],
+        sum: std::ops::Range<usize>,
+        field: usize,
+        udp: bool,
+    ) -> Result<[u8; 2], PushError> {
+        assert!(
+            sum.start <= field && field + 2 <= sum.end && sum.end <= frame.len(),
+            "checksum field {field} outside the summed range {sum:?} of a {}-byte frame",
+            frame.len()
+        );
+        if frame.is_empty() {
+            return Err(PushError::Empty);
+        }
+        let total = meta.len() + frame.len();
+        let need = self.room_for_frame(meta.len(), frame.len())?;
+        let runs = self.runs(need, total);
+        let mut pos = self.copy_into(&runs, 0, meta);
+        pos += self.copy_into(&runs, pos, &frame[..sum.start]);
+        let (n, partial) = self.copy_into_summed(&runs, pos, &frame[sum.clone()]);
+        pos += n;
+        self.copy_into(&runs, pos, &frame[sum.end..]);
+        let mut value = csum::finish(partial);
+        if udp && value == 0 {
+            value = 0xffff;
+        }
+        let bytes = value.to_be_bytes();
+        self.copy_into(&runs, meta.len() + field, &bytes);
+        self.queue(need, meta.len(), total);
+        Ok(bytes)
+    }
+
     /// The byte ranges (absolute region offsets, in order) of the first `len` bytes of the
     /// `need` segments at head: one run, or two when the ring wraps.
     fn runs(&self, need: u32, len: usize) -> [(usize, usize); 2] {
@@ -263,6 +307,39 @@ impl Producer {
     /// Copies `bytes` into `runs` (see [`Producer::runs`]) at stream offset `at`; returns how
     /// many fitted.
     fn copy_into(&self, runs: &[(usize, usize); 2], at: usize, bytes: &[u8]) -> usize {
+        Self::walk(runs, at, bytes, |off, piece| {
+            self.raw.copy_in(off, piece).expect("segments inside region")
+        })
+    }
+
+    /// [`Producer::copy_into`] that also returns the internet-checksum partial sum of the bytes
+    /// that fitted (as `csum::add(0, ..)` of them), taken as they are copied.
+    fn copy_into_summed(
+        &self,
+        runs: &[(usize, usize); 2],
+        at: usize,
+        bytes: &[u8],
+    ) -> (usize, u64) {
+        let mut sum = 0;
+        let mut done = 0;
+        let n = Self::walk(runs, at, bytes, |off, piece| {
+            let s = self.raw.copy_in_summed(off, piece).expect("segments inside region");
+            // A piece after an odd-length one starts in the middle of a 16-bit word.
+            sum = csum::combine(sum, if done % 2 == 1 { csum::at_odd_offset(s) } else { s });
+            done += piece.len();
+        });
+        (n, sum)
+    }
+
+    /// Hands `copy` the region offset and the bytes of each part of `bytes` that lands in
+    /// `runs` from stream offset `at` on; returns how many bytes fitted.
+    #[inline(always)]
+    fn walk(
+        runs: &[(usize, usize); 2],
+        at: usize,
+        bytes: &[u8],
+        mut copy: impl FnMut(usize, &[u8]),
+    ) -> usize {
         let (mut done, mut skip) = (0, at);
         for &(off, len) in runs {
             if skip >= len {
@@ -270,7 +347,7 @@ impl Producer {
                 continue;
             }
             let n = (len - skip).min(bytes.len() - done);
-            self.raw.copy_in(off + skip, &bytes[done..done + n]).expect("segments inside region");
+            copy(off + skip, &bytes[done..done + n]);
             done += n;
             skip = 0;
         }
@@ -1119,6 +1196,51 @@ mod tests {
         c.publish();
         let snap = RingSnapshot::read(&r, 0, 1);
         assert_eq!((snap.tx_frames, snap.rx_frames, snap.fill), (1, 1, Some(0)));
+    }
+
+    proptest! {
+        /// A frame pushed with its checksum completed on the way in arrives as the same bytes
+        /// with the reference checksum in its field, wherever the ring wraps within it (also
+        /// at an odd offset of the summed range).
+        #[test]
+        fn push_summed_stores_the_completed_checksum(
+            before in 0usize..16,
+            len in 40usize..9000,
+            start in 14usize..40,
+            field in 0usize..20,
+            meta_len in prop_oneof![Just(0usize), Just(12), 1usize..64],
+            udp in any::<bool>(),
+        ) {
+            let r = region(16);
+            let mut p = Producer::new(&r, 0, 1, 3);
+            let mut c = Consumer::new(&r, 0, 1);
+            let mut buf = vec![0; 70_000];
+            // Move the head so the frame starts at a different segment each case.
+            for i in 0..before {
+                p.push(&[], &frame(i as u32, 100)).unwrap();
+                p.publish();
+                pop(&mut c, 3, &mut buf).unwrap();
+                c.publish();
+            }
+            let f = frame(99, len);
+            let field = (start + field).min(len - 2);
+            let meta = vec![5u8; meta_len];
+            let stored = p.push_summed(&meta, &f, start..len, field, udp).unwrap();
+            p.publish();
+            let mut want = f.clone();
+            let mut value = csum::finish(csum::add(0, &f[start..]));
+            if udp && value == 0 {
+                value = 0xffff;
+            }
+            want[field..field + 2].copy_from_slice(&value.to_be_bytes());
+            prop_assert_eq!(stored, value.to_be_bytes());
+            let Peek::Frame(info) = c.peek(3) else { panic!("no frame") };
+            prop_assert_eq!(info.meta_len, meta_len);
+            let mut m = [0u8; 64];
+            let n = c.copy_meta(&mut m);
+            prop_assert_eq!(&m[..n], &meta[..]);
+            prop_assert_eq!(pop(&mut c, 3, &mut buf).unwrap(), want);
+        }
     }
 
     #[test]
