@@ -321,8 +321,14 @@ impl Control {
 
     /// Periodic work, cheap when nothing is due: re-reads the TAP's addresses once a second
     /// and closes connections past their deadline.
-    pub fn tick(&mut self, now: Instant, registry: &Registry) {
-        if now >= self.next_address_check {
+    pub fn tick(&mut self, now: Instant, registry: &Registry, claim: Claim) {
+        if claim != self.id.claim {
+            // The data path moved to another slot (its own was taken): answer with the new id,
+            // and publish the addresses there, never again into the old slot's entry, which is
+            // now another member's.
+            self.id.claim = claim;
+            self.refresh_addresses(now, true);
+        } else if now >= self.next_address_check {
             self.refresh_addresses(now, false);
         }
         for slot in self.clients.iter_mut() {

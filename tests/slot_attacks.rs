@@ -215,7 +215,9 @@ fn attack_claim_by_a_live_process_moves_a_server_member_and_doorbells_follow() {
     let ns: Vec<Netns> = (0..2).map(|_| Netns::new()).collect();
     let nospin = ["--spin-us", "0"];
     let a = start_socket_agent(&ns[0], &server, "10.77.0.1/24", &nospin, &dir);
-    let mut victim = start_socket_agent(&ns[1], &server, "10.77.0.2/24", &nospin, &dir);
+    let sock = dir.join("victim.sock");
+    let victim_args = ["--spin-us", "0", "--control-socket", sock.to_str().expect("UTF-8 path")];
+    let mut victim = start_socket_agent(&ns[1], &server, "10.77.0.2/24", &victim_args, &dir);
     wait_until("A reaches the victim", Duration::from_secs(10), || {
         ping_once(&ns[0], "10.77.0.2", Duration::from_millis(500))
     });
@@ -246,8 +248,64 @@ fn attack_claim_by_a_live_process_moves_a_server_member_and_doorbells_follow() {
     assert_ping_patient(&ns[0], "10.77.0.2", 3);
     let after = wakeups(&server.status());
     assert!(after > before, "no doorbell woke the moved victim ({before} -> {after})");
+    // Its addresses are published under the new slot, and its control socket answers with it.
+    let st = server.status();
+    let entry = st["peers"].as_array().unwrap().iter().find(|p| p["id"] == moved).cloned();
+    let addresses = entry.map(|p| p["addresses"].clone()).unwrap_or_default();
+    assert!(
+        addresses.as_array().is_some_and(|a| a.contains(&"10.77.0.2/24".into())),
+        "the moved victim's addresses are not in its new slot: {addresses}"
+    );
+    let out = std::process::Command::new(IVNET)
+        .args(["status", "--agent-socket", sock.to_str().unwrap(), "--json"])
+        .output()
+        .expect("ivnet status");
+    let own: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(own["agent"]["peer_id"], moved, "the control socket answers with the old slot");
     let _ = claimer.kill();
     let _ = claimer.wait();
     server.assert_running();
     drop(a);
+}
+
+/// A process on this host claims a stack peer's slot: the stack moves to a free slot, publishes
+/// its addresses there (not into the slot it lost), and `Stack::claim` names the new slot. No
+/// root needed: a region file and the library API.
+#[test]
+fn attack_claim_by_a_live_process_moves_a_stack_peer_with_its_addresses() {
+    use ivnet::config::Cidr;
+    use ivnet::stack::{Stack, StackConfig};
+    let dir = TempDir::new();
+    let path = dir.join("region");
+    let mut cfg = StackConfig::file(&path, Some(16 << 20));
+    cfg.addresses = vec![Cidr { addr: [10, 77, 0, 9].into(), prefix: 24 }];
+    let mut stack = Stack::open(&cfg).expect("opening a stack on a new region file");
+    let old = stack.claim();
+    let r = attacker(&path);
+    let mut claimer = std::process::Command::new("sleep").arg("60").spawn().expect("sleep");
+    let slot = r.peer(old.id);
+    let inc = slot.try_claim(slot.incarnation()).expect("claim");
+    slot.set_owner(claimer.id());
+    slot.set_state(PeerState::Joining, inc);
+    let deadline = Instant::now() + RECOVERY * 3;
+    while stack.claim() == old && Instant::now() < deadline {
+        stack.poll().expect("poll");
+        stack.wait(Some(Duration::from_millis(10))).expect("wait");
+    }
+    let _ = claimer.kill();
+    let _ = claimer.wait();
+    let moved = stack.claim();
+    assert_ne!(moved.id, old.id, "the stack did not move out of the slot a live process claimed");
+    let st = status_json(&path);
+    let addresses_of = |id: u32| {
+        let peers = st["peers"].as_array().expect("peers");
+        peers.iter().find(|p| p["id"] == id).map(|p| p["addresses"].clone()).unwrap_or_default()
+    };
+    let new = addresses_of(moved.id);
+    assert!(
+        new.as_array().is_some_and(|a| a.contains(&"10.77.0.9/24".into())),
+        "the stack's addresses are not in its new slot {}: {new}\n{st:#}",
+        moved.id
+    );
 }

@@ -1101,6 +1101,7 @@ impl<T: FrameIo> Datapath<T> {
         self.switch = Switch::new(me, Switch::DEFAULT_AGEING, Switch::DEFAULT_CAPACITY);
         self.switch.learn(identity.mac, me, now);
         self.blocked = None;
+        self.pending_csum = None;
         self.held.iter_mut().for_each(|h| *h = None);
         self.slow.iter_mut().for_each(|s| *s = false);
         self.last_dst = None;

@@ -266,7 +266,7 @@ fn event_loop(
         };
         let next_hk = dp.housekeeping(now)?;
         service.tick(dp.links(), now);
-        control.tick(now, poll.registry());
+        control.tick(now, poll.registry(), dp.claim());
         let work = dp.tx(now) + dp.rx(now, notifier);
         dp.publish(notifier);
         if work > 0 {

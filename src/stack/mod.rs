@@ -370,7 +370,10 @@ pub struct Stack {
     pub sockets: SocketSet<'static>,
     waiter: Waiter,
     region: Region,
+    /// The data path's slot as of the last round: its addresses are published there.
     claim: Claim,
+    /// The addresses published in the region's peer info table.
+    published: Vec<(std::net::IpAddr, u8)>,
     mac: Mac,
     mtu: u32,
     tcp_buffer: usize,
@@ -557,6 +560,7 @@ impl Stack {
             },
             region,
             claim,
+            published,
             mac,
             mtu: cfg.mtu,
             tcp_buffer: cfg.tcp_buffer,
@@ -685,6 +689,7 @@ impl Stack {
         }
         if now >= self.waiter.next_housekeeping {
             self.waiter.next_housekeeping = self.device.datapath().housekeeping(now)?;
+            self.follow_claim();
         }
         let before = self.device.stats();
         self.iface.poll(ts, &mut self.device, &mut self.sockets);
@@ -701,6 +706,23 @@ impl Stack {
             self.waiter.last_work = now;
         }
         Ok(moved)
+    }
+
+    /// After the data path moved to another slot (its own was taken), publishes our addresses
+    /// under the new one; the old slot's entry is another member's now.
+    fn follow_claim(&mut self) {
+        let claim = self.device.datapath().claim();
+        if claim != self.claim {
+            log::info!(
+                "{}: now peer {} (incarnation {}), was {}",
+                self.region.name(),
+                claim.id,
+                claim.incarnation,
+                self.claim.id
+            );
+            self.claim = claim;
+            self.region.peer_info(claim.id).publish(claim.incarnation, &self.published);
+        }
     }
 
     /// Sleeps until a frame may have arrived (doorbell, or the poll timer without doorbells),
