@@ -388,25 +388,22 @@ impl<T: FrameIo> Datapath<T> {
             Err(PushError::Oversize(_) | PushError::Empty) => Err(SendError::Mtu),
         };
         if as_is {
-            if hdr.is_plain() {
-                if len > peer.max_eth {
-                    return Err(SendError::Mtu);
-                }
-            } else {
-                match hdr.largest_segment_len(frame) {
-                    Some(l) if l <= peer.max_eth => {}
-                    Some(_) => return Err(SendError::Mtu),
-                    None => return Err(SendError::Offload),
-                }
-            }
             let encoded = hdr.encode();
-            let meta: &[u8] = if hdr.is_plain() { &[] } else { &encoded };
+            let (meta, longest): (&[u8], _) = match hdr.is_plain() {
+                true => (&[], Some(len)),
+                false => (&encoded, hdr.largest_segment_len(frame)),
+            };
+            match longest {
+                Some(l) if l <= peer.max_eth => {}
+                Some(_) => return Err(SendError::Mtu),
+                None => return Err(SendError::Offload),
+            }
             let Some(p) = pending_csum.filter(|_| src == Source::Buf) else {
                 return pushed(prod.push(meta, frame));
             };
             // Completed on the way into the ring, and then in `buf` for the next destination
             // (a flood) or a retry.
-            let value = prod.push_summed(meta, frame, p.start..p.end, p.field, p.udp);
+            let value = prod.push_summed(meta, frame, &p);
             return pushed(value.map(|v| {
                 frame[p.field..p.field + 2].copy_from_slice(&v);
                 *pending_csum = None;

@@ -266,11 +266,17 @@ pub struct PartialChecksum {
 impl PartialChecksum {
     /// The two bytes that complete `frame`'s checksum, to store at `self.field`.
     pub fn complete(&self, frame: &[u8]) -> [u8; 2] {
-        let mut value = csum::finish(csum::add(0, &frame[self.start..self.end]));
-        if self.udp && value == 0 {
-            value = 0xffff;
+        self.value(csum::add(0, &frame[self.start..self.end]))
+    }
+
+    /// The two bytes to store at `self.field`, from the partial sum of `start..end` (taken
+    /// however the caller likes, e.g. while copying).
+    pub fn value(&self, sum: u64) -> [u8; 2] {
+        match csum::finish(sum) {
+            0 if self.udp => 0xffff_u16,
+            v => v,
         }
-        value.to_be_bytes()
+        .to_be_bytes()
     }
 }
 

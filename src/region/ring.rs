@@ -21,7 +21,7 @@ use std::sync::atomic::{fence, Ordering};
 use super::layout::{ring, DESC_FIRST, DESC_LAST, DESC_SIZE, MAX_META};
 use super::raw::RawRegion;
 use super::Region;
-use crate::offload::csum;
+use crate::offload::{csum, PartialChecksum};
 
 /// A segment descriptor as stored in the ring (seed claims 42, 44, 45).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -253,11 +253,10 @@ impl Producer {
     }
 
     /// Queues one frame like [`Producer::push`] whose checksum is completed on the way in:
-    /// `frame[sum]` is summed as it is copied (one pass over the bytes, not a sum and then a
-    /// copy), and the 16-bit field at `frame[field..field + 2]`, which lies in that range and
-    /// holds the pseudo-header sum, gets the complemented result in the ring. Returns the two
-    /// bytes stored there, so the caller can complete its own copy of the frame. For UDP
-    /// (`udp`), a result of 0 is stored as 0xFFFF (0 means "no checksum").
+    /// `frame[csum.start..csum.end]` is summed as it is copied (one pass over the bytes, not a
+    /// sum and then a copy), and the field at `csum.field`, which lies in that range and holds
+    /// the pseudo-header sum, gets the result in the ring (see [`PartialChecksum::value`]).
+    /// Returns the two bytes stored there, so the caller can complete its own copy of the frame.
     ///
     /// The sum covers the caller's private bytes as they were copied, never what is in shared
     /// memory afterwards: a scribble on the ring stays a checksum error for the receiver.
@@ -265,13 +264,12 @@ impl Producer {
         &mut self,
         meta: &[u8],
         frame: &[u8],
-        sum: std::ops::Range<usize>,
-        field: usize,
-        udp: bool,
+        csum: &PartialChecksum,
     ) -> Result<[u8; 2], PushError> {
+        let PartialChecksum { start, end, field, .. } = *csum;
         assert!(
-            sum.start <= field && field + 2 <= sum.end && sum.end <= frame.len(),
-            "checksum field {field} outside the summed range {sum:?} of a {}-byte frame",
+            start <= field && field + 2 <= end && end <= frame.len(),
+            "checksum field {field} outside the summed range {start}..{end} of a {}-byte frame",
             frame.len()
         );
         if frame.is_empty() {
@@ -281,15 +279,11 @@ impl Producer {
         let need = self.room_for_frame(meta.len(), frame.len())?;
         let runs = self.runs(need, total);
         let mut pos = self.copy_into(&runs, 0, meta);
-        pos += self.copy_into(&runs, pos, &frame[..sum.start]);
-        let (n, partial) = self.copy_into_summed(&runs, pos, &frame[sum.clone()]);
+        pos += self.copy_into(&runs, pos, &frame[..start]);
+        let (n, partial) = self.copy_into_summed(&runs, pos, &frame[start..end]);
         pos += n;
-        self.copy_into(&runs, pos, &frame[sum.end..]);
-        let mut value = csum::finish(partial);
-        if udp && value == 0 {
-            value = 0xffff;
-        }
-        let bytes = value.to_be_bytes();
+        self.copy_into(&runs, pos, &frame[end..]);
+        let bytes = csum.value(partial);
         self.copy_into(&runs, meta.len() + field, &bytes);
         self.queue(need, meta.len(), total);
         Ok(bytes)
@@ -1225,7 +1219,8 @@ mod tests {
             let f = frame(99, len);
             let field = (start + field).min(len - 2);
             let meta = vec![5u8; meta_len];
-            let stored = p.push_summed(&meta, &f, start..len, field, udp).unwrap();
+            let sum = PartialChecksum { start, end: len, field, udp };
+            let stored = p.push_summed(&meta, &f, &sum).unwrap();
             p.publish();
             let mut want = f.clone();
             let mut value = csum::finish(csum::add(0, &f[start..]));
