@@ -32,6 +32,12 @@ fn attacker(path: &Path) -> Region {
         .unwrap_or_else(|e| panic!("mapping {}: {e}", path.display()))
 }
 
+/// The addresses `ivnet status --json` (`st`) lists for peer `id` (null if it lists none).
+fn addresses_of(st: &serde_json::Value, id: u32) -> serde_json::Value {
+    let peers = st["peers"].as_array().expect("peers");
+    peers.iter().find(|p| p["id"] == id).map(|p| p["addresses"].clone()).unwrap_or_default()
+}
+
 fn store64(r: &Region, off: usize, v: u64) {
     r.raw().u64_at(off).store(v, Ordering::SeqCst);
 }
@@ -249,9 +255,7 @@ fn attack_claim_by_a_live_process_moves_a_server_member_and_doorbells_follow() {
     let after = wakeups(&server.status());
     assert!(after > before, "no doorbell woke the moved victim ({before} -> {after})");
     // Its addresses are published under the new slot, and its control socket answers with it.
-    let st = server.status();
-    let entry = st["peers"].as_array().unwrap().iter().find(|p| p["id"] == moved).cloned();
-    let addresses = entry.map(|p| p["addresses"].clone()).unwrap_or_default();
+    let addresses = addresses_of(&server.status(), moved);
     assert!(
         addresses.as_array().is_some_and(|a| a.contains(&"10.77.0.2/24".into())),
         "the moved victim's addresses are not in its new slot: {addresses}"
@@ -298,11 +302,7 @@ fn attack_claim_by_a_live_process_moves_a_stack_peer_with_its_addresses() {
     let moved = stack.claim();
     assert_ne!(moved.id, old.id, "the stack did not move out of the slot a live process claimed");
     let st = status_json(&path);
-    let addresses_of = |id: u32| {
-        let peers = st["peers"].as_array().expect("peers");
-        peers.iter().find(|p| p["id"] == id).map(|p| p["addresses"].clone()).unwrap_or_default()
-    };
-    let new = addresses_of(moved.id);
+    let new = addresses_of(&st, moved.id);
     assert!(
         new.as_array().is_some_and(|a| a.contains(&"10.77.0.9/24".into())),
         "the stack's addresses are not in its new slot {}: {new}\n{st:#}",
