@@ -388,10 +388,13 @@ impl<T: FrameIo> Datapath<T> {
             Err(PushError::Oversize(_) | PushError::Empty) => Err(SendError::Mtu),
         };
         if as_is {
-            let encoded = hdr.encode();
+            let encoded;
             let (meta, longest): (&[u8], _) = match hdr.is_plain() {
                 true => (&[], Some(len)),
-                false => (&encoded, hdr.largest_segment_len(frame)),
+                false => {
+                    encoded = hdr.encode();
+                    (&encoded, hdr.largest_segment_len(frame))
+                }
             };
             match longest {
                 Some(l) if l <= peer.max_eth => {}
