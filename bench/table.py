@@ -345,7 +345,8 @@ def markdown(meta, rows, unsupported, targets, offloads, out):
     if meta.get("ivnet", "-") != "-":
         flag = "has `--offload`" if meta.get("offload_flag") == "1" else "no `--offload` flag"
         L.append(f"- ivnet: `{meta.get('ivnet')}` ({meta.get('ivnet_version', '?')}, {flag});"
-                 f" extra agent flags: `{meta.get('agent_args') or 'none'}`; adaptive --spin-us:"
+                 f" extra agent flags: `{meta.get('agent_args') or 'none'}`; extra server flags:"
+                 f" `{meta.get('server_args') or 'none'}`; adaptive --spin-us:"
                  f" {meta.get('spin_us', 'default')}; region {meta.get('region_size', '?')}")
     L.append(f"- tools: {meta.get('tools', '?')}")
     L.append("")

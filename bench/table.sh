@@ -43,6 +43,8 @@
 #   IVNET=PATH            ivnet binary (default target/release/ivnet, built with
 #                         `cargo build --release` if missing)
 #   IVNET_AGENT_ARGS      extra flags for every agent, e.g. "--slot-size 4096"
+#   IVNET_SERVER_ARGS     extra flags for the doorbell server of the doorbell and adaptive
+#                         rows, e.g. "--slots 2048 --max-peers 2" (ring geometry)
 #   IVNET_REGION_SIZE=64M region size
 #   SPIN_US=N             --spin-us of the adaptive rows (default: the agent's default)
 #
@@ -66,6 +68,7 @@ TIME=${TIME:-3}
 IDLE_TIME=${IDLE_TIME:-2}
 STACK_BYTES=${STACK_BYTES:-512M}
 IVNET_AGENT_ARGS=${IVNET_AGENT_ARGS:-}
+IVNET_SERVER_ARGS=${IVNET_SERVER_ARGS:-}
 IVNET_REGION_SIZE=${IVNET_REGION_SIZE:-64M}
 A=10.77.0.1
 B=10.77.0.2
@@ -339,8 +342,9 @@ ivnet_row() {
         spin=(--spin-us "$SPIN_US")
     fi
     STACK_ARGS=(--socket "$sock" "${spin[@]}")
+    # shellcheck disable=SC2086  # IVNET_SERVER_ARGS is a list of flags
     "$IVNET" server --socket "$sock" --shm "$REGION" --size "$IVNET_REGION_SIZE" \
-        >"$LOG.server.log" 2>&1 &
+        $IVNET_SERVER_ARGS >"$LOG.server.log" 2>&1 &
     PIDS+=($!)
     WAIT_PID=$! wait_for "doorbell server on $sock (log: $LOG.server.log)" 10 test -S "$sock" ||
         return 1
@@ -608,6 +612,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
     printf 'ivnet_version\t%s\n' "$IVNET_VERSION"
     printf 'offload_flag\t%s\n' "$OFFLOAD_FLAG"
     printf 'agent_args\t%s\n' "$IVNET_AGENT_ARGS"
+    printf 'server_args\t%s\n' "$IVNET_SERVER_ARGS"
     printf 'spin_us\t%s\n' "${SPIN_US:-default}"
     printf 'region_size\t%s\n' "$IVNET_REGION_SIZE"
     printf 'reps\t%s\n' "$REPS"
