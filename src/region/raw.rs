@@ -348,8 +348,8 @@ unsafe fn copy_summed_avx2(src: &[u8], dst: *mut u8) -> u64 {
 /// The consumer of a ring runs on another CPU and read these lines last time round, so an
 /// ordinary store must take every line back from that CPU's cache before it can write it; a
 /// streaming store does not, and the consumer then reads the frame from memory. Measured here
-/// (a producer and a consumer thread on the two CPUs, 64 KiB frames through a 1 MiB ring): 17-18
-/// GB/s against 2.4-12, the low figures when the two vCPUs are far apart on the host. The
+/// (a producer and a consumer thread on the two CPUs, 64 KiB frames through a 1 MiB ring):
+/// 14.6-18.5 GB/s against 2.4-11.8, the low figures when the two vCPUs are far apart on the host. The
 /// partial lines at either end are written the ordinary way. Ends with a store fence: streaming
 /// stores are weakly ordered, and the index that publishes the frame (a release store) must not
 /// become visible before them.
