@@ -349,10 +349,10 @@ unsafe fn copy_summed_avx2(src: &[u8], dst: *mut u8) -> u64 {
 /// ordinary store must take every line back from that CPU's cache before it can write it; a
 /// streaming store does not, and the consumer then reads the frame from memory. Measured here
 /// (a producer and a consumer thread on the two CPUs, 64 KiB frames through a 1 MiB ring):
-/// 14.6-18.5 GB/s against 2.4-11.8, the low figures when the two vCPUs are far apart on the host. The
-/// partial lines at either end are written the ordinary way. Ends with a store fence: streaming
-/// stores are weakly ordered, and the index that publishes the frame (a release store) must not
-/// become visible before them.
+/// 14.6-18.5 GB/s against 2.4-11.8, the low figures when the two vCPUs are far apart on the
+/// host. The partial lines at either end are written the ordinary way. Ends with a store fence:
+/// streaming stores are weakly ordered, and the index that publishes the frame (a release
+/// store) must not become visible before them.
 ///
 /// # Safety
 ///
