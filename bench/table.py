@@ -163,7 +163,8 @@ def load(out):
     for line in (out / "meta.tsv").read_text(encoding="utf-8").splitlines():
         k, _, v = line.partition("\t")
         meta[k] = v
-    # rows[row][metric] = {"samples": [...], "failed": [{"round", "log", "note"}]}
+    # rows[row][metric] = {"samples": [...], "rounds": [round of each sample],
+    #                      "failed": [{"round", "log", "note"}]}
     rows = {}
     unsupported = {}
     for line in (out / "samples.tsv").read_text(encoding="utf-8").splitlines():
@@ -177,11 +178,12 @@ def load(out):
         keys = [m.key for m in METRICS if m.source == workload]
         cells = rows.setdefault(row, {})
         for k in keys:
-            cells.setdefault(k, {"samples": [], "failed": []})
+            cells.setdefault(k, {"samples": [], "rounds": [], "failed": []})
         if status == "ok":
             try:
                 for k, v in values_of(workload, path).items():
                     cells[k]["samples"].append(v)
+                    cells[k]["rounds"].append(rnd)
                 continue
             except (OSError, ValueError, KeyError, TypeError, IndexError,
                     ZeroDivisionError) as e:
@@ -209,6 +211,16 @@ def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def round_ratios(rows, row, base, key):
+    """The ratio row / base of each round that measured both: rows of one round run minutes
+    apart rather than the whole run, so their spread shows how steady a ratio of medians is."""
+    a = rows.get(row, {}).get(key, {})
+    b = rows.get(base, {}).get(key, {})
+    by_round = dict(zip(b.get("rounds", []), b.get("samples", [])))
+    return [v / by_round[r] for r, v in zip(a.get("rounds", []), a.get("samples", []))
+            if by_round.get(r)]
 
 
 def ordered(rows, unsupported):
@@ -273,9 +285,13 @@ def evaluate_targets(rows, unsupported):
             v = median_of(rows, r, key)
             q = v / b
             met = q >= limit if op == ">=" else q <= limit
+            per_round = round_ratios(rows, r, base, key)
+            spread = (f"; rounds {min(per_round):.2f}-{max(per_round):.2f}x"
+                      if len(per_round) > 1 else "")
             out.append({
                 "target": name, "row": r, "value": q, "limit": limit, "op": op, "met": met,
-                "text": f"{q:.2f}x ({fmt.format(v)} / {fmt.format(b)} {unit})"
+                "rounds": per_round,
+                "text": f"{q:.2f}x ({fmt.format(v)} / {fmt.format(b)} {unit}){spread}"
                 + (f"; {note}" if note else ""),
             })
 
@@ -576,7 +592,7 @@ def json_doc(meta, rows, unsupported, targets, offloads):
         for key, c in rows.get(r, {}).items():
             m = METRIC[key]
             d = {"unit": m.unit, "higher_is_better": m.higher_better,
-                 "samples": c["samples"], "failed": c["failed"],
+                 "samples": c["samples"], "rounds": c["rounds"], "failed": c["failed"],
                  "median": c.get("median"), "min": c.get("min"), "max": c.get("max")}
             if m.vs_veth:
                 d["ratio_veth"] = ratio(c.get("median"), median_of(rows, "veth", key))
