@@ -47,6 +47,8 @@
 #                         rows, e.g. "--slots 2048 --max-peers 2" (ring geometry)
 #   IVNET_REGION_SIZE=64M region size
 #   SPIN_US=N             --spin-us of the adaptive rows (default: the agent's default)
+#   TCP_CC=NAME           TCP congestion control in both namespaces, e.g. cubic (default: the
+#                         host's net.ipv4.tcp_congestion_control; recorded in the table)
 #
 # Output in OUT: table.md (also printed), table.json, ratios.svg, samples.tsv (one line per
 # measurement: row, workload, round, status, raw file), meta.tsv, run.log, and raw/<row>/
@@ -118,6 +120,13 @@ case $STACK_BYTES in
 *) STACK_N=$STACK_BYTES ;;
 esac
 [[ "$STACK_N" =~ ^[1-9][0-9]*$ ]] || die "STACK_BYTES=$STACK_BYTES: give bytes, e.g. 512M"
+CC_AVAIL=$(sysctl -n net.ipv4.tcp_available_congestion_control 2>/dev/null)
+if ! has "$CC_AVAIL" "$TCP_CC"; then
+    modprobe "tcp_$TCP_CC" 2>/dev/null
+    CC_AVAIL=$(sysctl -n net.ipv4.tcp_available_congestion_control 2>/dev/null)
+    has "$CC_AVAIL" "$TCP_CC" ||
+        die "TCP_CC=$TCP_CC: this kernel has no such congestion control (available: $CC_AVAIL)"
+fi
 
 # tool -> Debian package
 declare -A PKG=([ip]=iproute2 [ss]=iproute2 [ping]=iputils-ping [iperf3]=iperf3
@@ -502,9 +511,13 @@ scene() {
         # IPv4 only: no router solicitations or duplicate address detection between the
         # measurements (and none that a relay could see before both of its ends are up).
         local ns
+        # The congestion control is per namespace and starts as the host's; set it anyway so
+        # that the one recorded in the table is the one measured.
         for ns in "$NSA" "$NSB"; do
             ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
                 net.ipv6.conf.default.disable_ipv6=1 >>"$LOG.setup.log" 2>&1
+            ip netns exec "$ns" sysctl -qw net.ipv4.tcp_congestion_control="$TCP_CC" \
+                >>"$LOG.setup.log" 2>&1 || ok=0
         done
         # shellcheck disable=SC2086  # fn is a function name and its arguments
         $fn >>"$LOG.setup.log" 2>&1 || ok=0
@@ -615,6 +628,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
     printf 'server_args\t%s\n' "$IVNET_SERVER_ARGS"
     printf 'spin_us\t%s\n' "${SPIN_US:-default}"
     printf 'region_size\t%s\n' "$IVNET_REGION_SIZE"
+    printf 'tcp_cc\t%s\n' "$TCP_CC"
     printf 'reps\t%s\n' "$REPS"
     printf 'time\t%s\n' "$TIME"
     printf 'idle_time\t%s\n' "$IDLE_TIME"
