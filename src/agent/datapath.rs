@@ -35,11 +35,15 @@ const HEADER_PEEK: usize = 256;
 /// at all frees room far sooner; one that does not must not hold up the segment.
 const HEAD_OF_LINE_BUDGET: Duration = Duration::from_millis(2);
 
-/// A frame kept for one peer whose ring was full: its bytes are in that peer's hold buffer.
+/// A frame kept for one peer whose ring was full: its bytes are in that peer's hold buffer,
+/// where the transmit buffer keeps its frames (after the header room).
 #[derive(Debug, Clone, Copy)]
 struct Held {
     len: usize,
     hdr: VnetHdr,
+    /// Its checksum still to be completed (see `Datapath::pending_csum`): by the copy into
+    /// the ring when it goes, as for a frame that never waited.
+    csum: Option<PartialChecksum>,
     /// When the peer's consumer last made progress (or the frame was held).
     since: Instant,
 }
@@ -61,6 +65,15 @@ enum Source {
     Buf,
     /// The hold buffer of this peer.
     Held(u32),
+}
+
+/// Completes the checksum `pending` says `frame` still lacks, in place (see
+/// `Datapath::complete_checksum`), and clears it.
+fn settle(frame: &mut [u8], pending: &mut Option<PartialChecksum>) {
+    if let Some(p) = pending.take() {
+        let value = p.complete(frame);
+        frame[p.field..p.field + 2].copy_from_slice(&value);
+    }
 }
 
 /// Why a frame was not queued for one destination.
@@ -176,8 +189,8 @@ pub struct Datapath<T: FrameIo> {
     buf: Box<[u8]>,
     /// The checksum of the frame in `buf` still to be completed: its header already says the
     /// frame is complete, and no byte of it leaves private memory before this is done, either
-    /// by the copy into a ring (which sums as it copies) or in `buf` (see
-    /// [`Datapath::settle_checksum`]).
+    /// by the copy into a ring (which sums as it copies) or in place before it is segmented
+    /// (see [`settle`]). A frame kept in a hold takes its pending checksum with it.
     pending_csum: Option<PartialChecksum>,
     /// Largest plain Ethernet frame the local side sends or takes: MTU + 18.
     max_eth: usize,
@@ -189,7 +202,8 @@ pub struct Datapath<T: FrameIo> {
     segmenter: Segmenter,
     iov: Vec<libc::iovec>,
     /// Per peer, one frame kept while its ring is full (back-pressure per destination), and
-    /// the buffer it is kept in (allocated at join).
+    /// the buffer it is kept in (allocated at join, as large as `buf`: a frame is kept by
+    /// swapping the two, not by copying it).
     held: Vec<Option<Held>>,
     held_buf: Vec<Box<[u8]>>,
     /// A frame for a peer whose hold is taken, waiting: the local interface is not read.
@@ -372,15 +386,19 @@ impl<T: FrameIo> Datapath<T> {
     ) -> Result<(), SendError> {
         let peer = self.peers[dst as usize];
         let as_is = hdr.is_plain() || (!hdr.needs_csum() && peer.accepts.accepts(hdr));
-        if !as_is && src == Source::Buf {
-            // Segments are cut from the frame and summed anew: it must be complete first.
-            self.settle_checksum(len);
-        }
-        let Datapath { producers, buf, held_buf, hdr_room, segmenter, pending_csum, .. } = self;
-        let frame = match src {
-            Source::Buf => &mut buf[*hdr_room..*hdr_room + len],
-            Source::Held(p) => &mut held_buf[p as usize][..len],
+        let Datapath { producers, buf, held_buf, held, hdr_room, segmenter, pending_csum, .. } =
+            self;
+        let (frame, pending_csum) = match src {
+            Source::Buf => (&mut buf[*hdr_room..*hdr_room + len], pending_csum),
+            Source::Held(p) => (
+                &mut held_buf[p as usize][*hdr_room..*hdr_room + len],
+                &mut held[p as usize].as_mut().expect("a held frame").csum,
+            ),
         };
+        if !as_is {
+            // Segments are cut from the frame and summed anew: it must be complete first.
+            settle(frame, pending_csum);
+        }
         let prod = producers[dst as usize].as_mut().expect("producer for every other peer");
         let pushed = |r: Result<(), PushError>| match r {
             Ok(()) => Ok(()),
@@ -401,11 +419,11 @@ impl<T: FrameIo> Datapath<T> {
                 Some(_) => return Err(SendError::Mtu),
                 None => return Err(SendError::Offload),
             }
-            let Some(p) = pending_csum.filter(|_| src == Source::Buf) else {
+            let Some(p) = *pending_csum else {
                 return pushed(prod.push(meta, frame));
             };
-            // Completed on the way into the ring, and then in `buf` for the next destination
-            // (a flood) or a retry.
+            // Completed on the way into the ring, and then in the frame's buffer for the next
+            // destination (a flood) or a retry.
             let value = prod.push_summed(meta, frame, &p);
             return pushed(value.map(|v| {
                 frame[p.field..p.field + 2].copy_from_slice(&v);
@@ -526,8 +544,8 @@ impl<T: FrameIo> Datapath<T> {
     /// header that now describes the frame.
     ///
     /// The sum itself is taken later, by the copy into the first ring the frame goes to (one
-    /// pass over the bytes instead of two), or by [`Datapath::settle_checksum`] before the frame
-    /// is used any other way: until then `pending_csum` says where it goes.
+    /// pass over the bytes instead of two), also after a wait in a hold, or by [`settle`] before
+    /// the frame is segmented: until then `pending_csum` says where it goes.
     fn complete_checksum(&mut self, hdr: VnetHdr, len: usize) -> VnetHdr {
         self.pending_csum = None;
         if !hdr.needs_csum() || matches!(hdr.gso(), Ok(Gso::Udp)) {
@@ -544,16 +562,6 @@ impl<T: FrameIo> Datapath<T> {
             // Not something we can complete: forward_local refuses it (partial checksums do
             // not cross the ring).
             Err(_) => hdr,
-        }
-    }
-
-    /// Completes the pending checksum of the frame in the transmit buffer (`len` bytes) in
-    /// place, for a use other than a copy into a ring: segmenting, or keeping it in a hold.
-    fn settle_checksum(&mut self, len: usize) {
-        if let Some(p) = self.pending_csum.take() {
-            let frame = &mut self.buf[self.hdr_room..self.hdr_room + len];
-            let value = p.complete(frame);
-            frame[p.field..p.field + 2].copy_from_slice(&value);
         }
     }
 
@@ -630,7 +638,10 @@ impl<T: FrameIo> Datapath<T> {
                 Err(SendError::Full) => {
                     let prod = self.producers[dst as usize].as_mut().expect("producer");
                     if prod.tail_moved() {
-                        self.held[dst as usize] = Some(Held { since: now, ..h });
+                        // Only the time: the attempt may have completed its checksum.
+                        if let Some(h) = self.held[dst as usize].as_mut() {
+                            h.since = now;
+                        }
                     } else if now.duration_since(h.since) >= self.opts.stall_timeout {
                         prod.count_drop_full();
                         self.release_hold(dst);
@@ -699,11 +710,13 @@ impl<T: FrameIo> Datapath<T> {
             }
             Err(SendError::Full) => {
                 // Publish what we have so the consumer can make room, keep the frame, and go on
-                // reading frames for the others.
-                self.settle_checksum(len);
-                let (room, d) = (self.hdr_room, dst as usize);
-                self.held_buf[d][..len].copy_from_slice(&self.buf[room..room + len]);
-                self.held[d] = Some(Held { len, hdr, since: now });
+                // reading frames for the others. The frame is kept where it is, checksum still
+                // pending: its buffer becomes the hold, and the free hold buffer the transmit
+                // buffer (the frame is read once, and copied once, into the ring, as it would
+                // have been without the wait).
+                let d = dst as usize;
+                std::mem::swap(&mut self.buf, &mut self.held_buf[d]);
+                self.held[d] = Some(Held { len, hdr, csum: self.pending_csum.take(), since: now });
                 self.producers[d].as_ref().expect("producer").set_waiting(true);
                 false
             }

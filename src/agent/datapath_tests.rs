@@ -418,6 +418,49 @@ fn test_offloaded_frames_kept_for_a_full_ring_arrive_complete() {
 }
 
 #[test]
+fn test_super_frames_kept_for_a_slow_peer_without_offloads_arrive_segmented_and_complete() {
+    // B takes no offloads and drains four frames a round: two super-frames cut into ~45
+    // segments fill A's ring to B, the third is kept (in the buffer it was read into, its
+    // checksum still pending) and retried as B drains; the fourth waits in the transmit buffer
+    // meanwhile. Every segment must arrive once, in order, with checksums that verify.
+    let r = region(2, 128);
+    let mut a = member_with(&r, 0, Some(Features::ALL), 1500);
+    let mut b = {
+        let c: Claim = claim(&r, Some(1), Duration::from_millis(50)).unwrap();
+        let opts = DatapathOptions { mtu: 1500, batch: 4, ..Default::default() };
+        Datapath::join(r.clone(), c, FakeTap::default(), mac(1), PeerKind::Agent, opts)
+    };
+    round(&mut [&mut a, &mut b]);
+    let (hdr, f) = captured("tcp4_gso", mac(1), mac(0));
+    for _ in 0..5 {
+        a.tap.inbound.push_back(with_header(&hdr, &f));
+    }
+    let now = Instant::now();
+    let mut was_blocked = false;
+    for _ in 0..200 {
+        a.set_tap_readable();
+        a.tx(now);
+        was_blocked |= a.is_blocked();
+        a.publish(&mut NoDoorbells);
+        b.rx(now, &mut NoDoorbells);
+        b.publish(&mut NoDoorbells);
+    }
+    assert!(was_blocked, "the ring took every super-frame at once: nothing was kept");
+    let got = delivered(&b);
+    let per_frame = got.len() / 5;
+    assert!(per_frame > 40 && got.len() == 5 * per_frame, "{} segments", got.len());
+    let mut payload = Vec::new();
+    for (i, (h, seg)) in got.iter().enumerate() {
+        assert!(h.is_plain(), "segment {i} went with a header to a peer without offloads");
+        assert!(seg.len() <= 1514, "segment {i}: {} bytes", seg.len());
+        assert_checksums_complete(seg, &format!("segment {i}"));
+        payload.extend(l4_payload(seg));
+    }
+    assert_eq!(payload, l4_payload(&f).repeat(5));
+    assert_eq!(RingSnapshot::read(&r, 0, 1).tx_drop_full, 0);
+}
+
+#[test]
 fn test_a_partial_checksum_from_a_peer_is_refused() {
     let r = region(2, 256);
     let all = Some(Features::ALL);
