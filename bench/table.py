@@ -22,6 +22,12 @@ ROW_ORDER = [
     "socat",
     "crelay-vnet",
     "crelay",
+    "cring",
+    "cring-copy",
+    "cring-sum",
+    "cring-nt",
+    "cring-sum-nt",
+    "cring-threads",
     "ivnet-file-on",
     "ivnet-file-off",
     "ivnet-doorbell-on",
@@ -35,6 +41,16 @@ ROW_TEXT = {
     "socat": "socat between two TAPs",
     "crelay-vnet": "C TAP relay, vnet_hdr + TSO",
     "crelay": "C TAP relay, no offloads",
+    "cring": ("C ring relay (`bench/ringrelay.c`): two processes, one TAP each (vnet_hdr +"
+              " TSO), joined by two shared-memory rings; frames read straight into the ring,"
+              " partial checksums passed on"),
+    "cring-copy": "C ring relay, each frame read into a buffer and copied into the ring",
+    "cring-sum": ("C ring relay, checksums completed while copying into the ring and verified"
+                  " by the receiving kernel (ivnet's integrity rule)"),
+    "cring-nt": "C ring relay, copying into the ring with streaming stores",
+    "cring-sum-nt": ("C ring relay with ivnet's integrity rule and streaming stores: a summing"
+                     " copy into the ring, checksums verified by the receiving kernel"),
+    "cring-threads": "C ring relay as two threads of one process",
     "ivnet-file-on": "ivnet file (polling), offload on",
     "ivnet-file-off": "ivnet file (polling), offload off",
     "ivnet-doorbell-on": "ivnet doorbell, offload on",
@@ -340,6 +356,32 @@ def evaluate_targets(rows, unsupported):
     return out
 
 
+# The steps from the C relay to ivnet, each a path measured in the same run: what splitting the
+# relay in two with rings costs, what ivnet's integrity rule and stores cost on top, and what the
+# rest of ivnet costs (`gap` below).
+GAP_STEPS = [
+    ("cring", "two processes joined by shared-memory rings (ivnet's shape, nothing else)"),
+    ("cring-sum-nt", "the same with ivnet's integrity rule and streaming stores"),
+] + [(r, "ivnet: the above and everything an agent does besides") for r in ON_ROWS]
+
+
+def gap(rows):
+    """TCP 1500 and CPU per GB of each step in GAP_STEPS against the C relay with offloads, or
+    [] when the relay or the ring relay was not measured."""
+    base = median_of(rows, "crelay-vnet", "tcp1500")
+    if base is None or median_of(rows, "cring", "tcp1500") is None:
+        return []
+    out = []
+    for r, what in GAP_STEPS:
+        v = median_of(rows, r, "tcp1500")
+        if v is None:
+            continue
+        per_round = round_ratios(rows, r, "crelay-vnet", "tcp1500")
+        out.append({"row": r, "what": what, "tcp1500": v, "ratio": v / base,
+                    "rounds": per_round, "cpu": median_of(rows, r, "cpu")})
+    return out
+
+
 # ---- Markdown --------------------------------------------------------------------------------
 
 def markdown(meta, rows, unsupported, targets, offloads, out):
@@ -397,6 +439,24 @@ def markdown(meta, rows, unsupported, targets, offloads, out):
         met = {True: "met", False: "**not met**", None: "-"}[t["met"]]
         L.append(f"| {t['target']} | {t['row']} | {t['text']} | {met} |")
     L.append("")
+    steps = gap(rows)
+    if steps:
+        relay_cpu = median_of(rows, "crelay-vnet", "cpu")
+        cpu_text = f", {relay_cpu:.2f} s/GB" if relay_cpu is not None else ""
+        L.append("### From the C relay to ivnet (TCP 1500)")
+        L.append("")
+        L.append(f"Each step against `crelay-vnet` ({median_of(rows, 'crelay-vnet', 'tcp1500'):.2f}"
+                 f" Gbit/s{cpu_text}) in this run; the rounds' range in brackets.")
+        L.append("")
+        L.append("| path | what it adds | Gbit/s | / C vnet relay | CPU s/GB |")
+        L.append("|---|---|---|---|---|")
+        for st in steps:
+            rr = st["rounds"]
+            spread = f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else ""
+            cpu = f"{st['cpu']:.2f}" if st["cpu"] is not None else "-"
+            L.append(f"| {st['row']} | {st['what']} | {st['tcp1500']:.2f} |"
+                     f" {st['ratio']:.2f}x{spread} | {cpu} |")
+        L.append("")
     L.append("### Paths and workloads")
     L.append("")
     for r in names:
@@ -456,6 +516,8 @@ def offload_state(out, rows):
 
 COLORS = {
     "veth": "#555555", "socat": "#b07aa1", "crelay-vnet": "#9c755f", "crelay": "#d4b9a6",
+    "cring": "#76b7b2", "cring-copy": "#9fd3cf", "cring-threads": "#4f9a94",
+    "cring-sum": "#b6992d", "cring-nt": "#d7b5a6", "cring-sum-nt": "#edc948",
     "ivnet-file-on": "#4e79a7", "ivnet-file-off": "#a0c4e8",
     "ivnet-doorbell-on": "#f28e2b", "ivnet-doorbell-off": "#ffc58f",
     "ivnet-adaptive-on": "#59a14f", "ivnet-adaptive-off": "#a8dba0",
@@ -582,7 +644,7 @@ def svg_chart(meta, rows, unsupported):
 
 def json_doc(meta, rows, unsupported, targets, offloads):
     doc = {"meta": meta, "units": {m.key: m.unit for m in METRICS}, "rows": {},
-           "targets": targets}
+           "targets": targets, "relay_to_ivnet_tcp1500": gap(rows)}
     for r in ordered(rows, unsupported):
         entry = {"description": ROW_TEXT.get(r, r)}
         if r in unsupported:

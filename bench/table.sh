@@ -12,7 +12,15 @@
 #   socat                one socat process relaying between two TAPs, one TAP in each namespace
 #   crelay-vnet          bench/taprelay.c --vnet: a C TAP relay, one blocking thread per
 #                        direction, IFF_VNET_HDR + TUNSETOFFLOAD csum/TSO4/TSO6/TSO_ECN
-#   crelay               the same relay without the virtio-net header and offloads
+#   cring                bench/ringrelay.c: two processes, one TAP each (vnet header + TSO),
+#                        joined by two shared-memory rings, eventfd wake-ups only for a
+#                        sleeper: ivnet's shape with nothing else in it
+#   cring-sum-nt         the same with ivnet's integrity rule (checksums completed by a summing
+#                        copy into the ring, verified by the receiving kernel) and its
+#                        streaming stores
+#   (only when named:) crelay: taprelay.c without the virtio-net header and offloads;
+#   cring-copy, cring-sum, cring-nt: the ring relay reading into a buffer and copying into the
+#   ring, plainly, summing, or with streaming stores; cring-threads: as two threads
 #   ivnet-file-on|off    two `ivnet agent` on a /dev/shm region file (file backend, polling)
 #   ivnet-doorbell-on|off  `ivnet server` and two `ivnet agent --socket --spin-us 0`
 #   ivnet-adaptive-on|off  the same with the agent's default spin window (or SPIN_US)
@@ -60,8 +68,10 @@ set -u -o pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
-ALL_ROWS="veth socat crelay-vnet crelay ivnet-file-on ivnet-file-off ivnet-doorbell-on \
-ivnet-doorbell-off ivnet-adaptive-on ivnet-adaptive-off"
+ALL_ROWS="veth socat crelay-vnet cring cring-sum-nt ivnet-file-on ivnet-file-off \
+ivnet-doorbell-on ivnet-doorbell-off ivnet-adaptive-on ivnet-adaptive-off"
+# Measured only when named in ROWS: the relay without offloads, the ring relay's other variants.
+EXTRA_ROWS="crelay cring-copy cring-sum cring-nt cring-threads"
 ALL_WORKLOADS="tcp1500 tcp9000 tcp65521 tcp1500x4 udp-rr udp64 cpu stack idle"
 ROWS=${ROWS:-$ALL_ROWS}
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
@@ -107,7 +117,9 @@ read -r -d '' -a _list <<<"$ROWS"
 ROWS="${_list[*]}"
 read -r -d '' -a _list <<<"$WORKLOADS"
 WORKLOADS="${_list[*]}"
-for r in $ROWS; do has "$ALL_ROWS" "$r" || die "unknown row '$r' (rows: $ALL_ROWS)"; done
+for r in $ROWS; do
+    has "$ALL_ROWS $EXTRA_ROWS" "$r" || die "unknown row '$r' (rows: $ALL_ROWS $EXTRA_ROWS)"
+done
 for w in $WORKLOADS; do
     has "$ALL_WORKLOADS" "$w" || die "unknown workload '$w' (workloads: $ALL_WORKLOADS)"
 done
@@ -307,6 +319,27 @@ row_crelay() {
     CPU_PIDS=($!)
     move_relay_taps
 }
+
+# The ring relay: CPU_PIDS gets both processes (the second is forked after the TAPs exist).
+cring_row() {
+    "$WORK/ringrelay" "$@" "$TAPA" "$TAPB" >"$LOG.relay.log" 2>&1 &
+    PIDS+=($!)
+    CPU_PIDS=($!)
+    move_relay_taps || return 1
+    case " $* " in *" --threads "*) return 0 ;; esac
+    local child
+    WAIT_PID=${CPU_PIDS[0]} wait_for "the ring relay's second process" 5 pgrep -P "${CPU_PIDS[0]}" ||
+        return 1
+    child=$(pgrep -P "${CPU_PIDS[0]}" | head -1)
+    CPU_PIDS+=("$child")
+    PIDS+=("$child")
+}
+row_cring() { cring_row; }
+row_cring_copy() { cring_row --copy; }
+row_cring_threads() { cring_row --threads; }
+row_cring_sum() { cring_row --sum; }
+row_cring_nt() { cring_row --nt; }
+row_cring_sum_nt() { cring_row --sum --nt; }
 
 # start_agent NS TAP LOG ARGS...: one `ivnet agent` in NS; returns once its TAP exists.
 start_agent() {
@@ -575,6 +608,10 @@ scene() {
 if has "$ROWS" crelay || has "$ROWS" crelay-vnet; then
     gcc -O2 -Wall -pthread -o "$WORK/taprelay" "$HERE/taprelay.c" 2>"$WORK/gcc.log" ||
         die "cannot compile bench/taprelay.c: $(cat "$WORK/gcc.log")"
+fi
+if [[ " $ROWS " == *" cring"* ]]; then
+    gcc -O2 -Wall -pthread -o "$WORK/ringrelay" "$HERE/ringrelay.c" 2>"$WORK/gcc.log" ||
+        die "cannot compile bench/ringrelay.c: $(cat "$WORK/gcc.log")"
 fi
 
 MTUS=()
