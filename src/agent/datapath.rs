@@ -470,6 +470,12 @@ impl<T: FrameIo> Datapath<T> {
     /// into the transmit buffer, and its checksum is completed from those private bytes as they
     /// are copied into the ring (see `complete_checksum`).
     pub fn tx(&mut self, now: Instant) -> usize {
+        self.tx_ringing(now, &mut NoDoorbells)
+    }
+
+    /// [`Datapath::tx`], ringing a sleeping consumer as soon as a quarter of its ring is
+    /// published rather than at the end of the batch.
+    pub fn tx_ringing(&mut self, now: Instant, notifier: &mut dyn Notifier) -> usize {
         if !self.retry_held(now) {
             return 0;
         }
@@ -513,6 +519,7 @@ impl<T: FrameIo> Datapath<T> {
             }
             if let Some((peer, ranges)) = spec {
                 if self.commit_in_place(peer, &ranges, n, now) {
+                    self.ring_early(notifier);
                     continue;
                 }
                 let prod = self.producers[peer as usize].as_ref().expect("producer");
@@ -526,11 +533,32 @@ impl<T: FrameIo> Datapath<T> {
             } else {
                 VnetHdr::default()
             };
-            if self.forward_local(len, hdr, now) {
+            let blocked = self.forward_local(len, hdr, now);
+            self.ring_early(notifier);
+            if blocked {
                 break; // blocked on a full ring: leave the rest in the TAP queue
             }
         }
         handled
+    }
+
+    /// Rings each consumer that sleeps although part of its ring was published early (a
+    /// quarter of the ring at a time): it then works on those frames while we queue the rest,
+    /// instead of waiting for the whole batch. [`Datapath::publish`] reports the rest of the
+    /// batch as usual.
+    ///
+    /// Every early publication that finds the consumer's flag set rings it, even if it was
+    /// rung earlier in the batch: it may have drained what it was woken for and gone back to
+    /// sleep, and an early publication reported here is not reported again at the end of the
+    /// batch. (Skipping the second doorbell lost wake-ups: measured, MTU 65521 fell to a third.)
+    fn ring_early(&mut self, notifier: &mut dyn Notifier) {
+        for (dst, p) in self.producers.iter_mut().enumerate() {
+            let Some(p) = p else { continue };
+            if p.take_early_and_check_waiting() && notifier.notify(dst as u32, VECTOR_DATA) {
+                self.doorbells[DoorbellCounter::Rung as usize] += 1;
+                self.counters_dirty = true;
+            }
+        }
     }
 
     /// Completes the TCP/UDP checksum of the frame in the transmit buffer while it is still
@@ -955,6 +983,17 @@ impl<T: FrameIo> Datapath<T> {
                         match self.tap.send_from_ring(cons, hdr, &mut self.iov) {
                             Ok(_) => {
                                 cons.advance(true);
+                                // A quarter of the ring consumed: return it now, and wake a
+                                // producer waiting for room, so that it refills while we
+                                // deliver the rest instead of waiting for our whole batch (the
+                                // flag says it waits; it may have refilled and be waiting again
+                                // since an earlier doorbell of this pass).
+                                if cons.publish_tail_early()
+                                    && cons.producer_waiting()
+                                    && notifier.notify(src, VECTOR_DATA)
+                                {
+                                    self.doorbells[DoorbellCounter::Rung as usize] += 1;
+                                }
                                 self.counters[PeerCounter::LocalTxFrames as usize] += 1;
                                 self.counters[PeerCounter::LocalTxBytes as usize] +=
                                     info.len as u64;

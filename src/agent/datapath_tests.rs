@@ -200,6 +200,77 @@ fn test_doorbell_only_for_a_sleeping_consumer() {
     assert!(b.prepare_to_sleep());
 }
 
+/// Records, for each doorbell, how full the ring towards the rung peer's partner looked then.
+struct FillAtBell {
+    region: Region,
+    /// The ring whose fill is recorded: (src, dst).
+    ring: (u32, u32),
+    rung: Vec<(u32, Option<u32>)>,
+}
+
+impl Notifier for FillAtBell {
+    fn notify(&mut self, peer: u32, _vector: u16) -> bool {
+        let (src, dst) = self.ring;
+        self.rung.push((peer, RingSnapshot::read(&self.region, src, dst).fill));
+        true
+    }
+}
+
+#[test]
+fn test_a_waiting_producer_is_rung_when_a_quarter_of_its_ring_is_free() {
+    let r = region(2, 64);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    // 70 one-segment frames: 64 fill B's ring, one is kept for B, the rest wait in the TAP.
+    for i in 0..70u32 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i as u8, 100));
+    }
+    a.set_tap_readable();
+    let now = Instant::now();
+    a.tx(now); // one batch: 64 frames
+    a.tx(now);
+    a.publish(&mut NoDoorbells);
+    assert_eq!(RingSnapshot::read(&r, 0, 1).fill, Some(64));
+    assert!(RingSnapshot::read(&r, 0, 1).producer_waiting);
+    // B's batch returns the first quarter of the ring (16 segments) before it ends, and rings
+    // A then, so that A refills while B delivers the rest.
+    let mut bells = FillAtBell { region: r.clone(), ring: (0, 1), rung: Vec::new() };
+    b.rx(now, &mut bells);
+    assert_eq!(bells.rung.first(), Some(&(0, Some(48))), "doorbells: {:?}", bells.rung);
+    b.publish(&mut NoDoorbells);
+    for _ in 0..10 {
+        a.set_tap_readable();
+        a.tx(now);
+        a.publish(&mut NoDoorbells);
+        b.rx(now, &mut NoDoorbells);
+        b.publish(&mut NoDoorbells);
+    }
+    assert_eq!(b.tap.outbound.len(), 70);
+    for (i, f) in b.tap.outbound.iter().enumerate() {
+        assert_eq!(f, &frame(mac(1), mac(0), i as u8, 100), "frame {i}");
+    }
+}
+
+#[test]
+fn test_a_sleeping_consumer_is_rung_when_a_quarter_of_its_ring_is_queued() {
+    let r = region(2, 64);
+    let (mut a, mut b) = (member(&r, 0), member(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    assert!(!b.prepare_to_sleep());
+    for i in 0..40u32 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i as u8, 100));
+    }
+    a.set_tap_readable();
+    // A rings B as soon as a quarter of the ring (16 segments) is published, not only when its
+    // batch of 40 ends; again at the second quarter, as B's flag says it still sleeps (it may
+    // have drained the first quarter and gone back to sleep: that doorbell must not be lost).
+    let mut bells = FillAtBell { region: r.clone(), ring: (0, 1), rung: Vec::new() };
+    a.tx_ringing(Instant::now(), &mut bells);
+    assert_eq!(bells.rung, vec![(1, Some(16)), (1, Some(32))]);
+    a.publish(&mut bells);
+    assert_eq!(bells.rung.last(), Some(&(1, Some(40))));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Offloads: per-peer decisions, and a receiver's guards against what it cannot take.
 // ---------------------------------------------------------------------------------------------

@@ -267,7 +267,7 @@ fn event_loop(
         let next_hk = dp.housekeeping(now)?;
         service.tick(dp.links(), now);
         control.tick(now, poll.registry(), dp.claim());
-        let work = dp.tx(now) + dp.rx(now, notifier);
+        let work = dp.tx_ringing(now, notifier) + dp.rx(now, notifier);
         dp.publish(notifier);
         if work > 0 {
             last_work = now;

@@ -531,6 +531,18 @@ impl Producer {
         Some(self.raw.u32_at(self.g.base + ring::CONSUMER_WAITING).load(Ordering::Relaxed) != 0)
     }
 
+    /// After a head published early (by `push`, a quarter of the ring at a time): whether the
+    /// consumer asked to be woken, so that it can start on those frames while we queue more.
+    /// The early publication is then reported (`publish` reports only what follows). Same
+    /// fence as [`Producer::publish_and_check_waiting`].
+    pub fn take_early_and_check_waiting(&mut self) -> bool {
+        if !std::mem::take(&mut self.unreported) {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        self.raw.u32_at(self.g.base + ring::CONSUMER_WAITING).load(Ordering::Relaxed) != 0
+    }
+
     /// Counts a frame dropped because the ring was full.
     pub fn count_drop_full(&mut self) {
         self.drop_full += 1;
@@ -994,6 +1006,18 @@ impl Consumer {
         }
     }
 
+    /// Returns consumed segments to the producer early, without the counters, once a quarter of
+    /// the ring has been consumed since the last publication. Returns true if it published.
+    pub fn publish_tail_early(&mut self) -> bool {
+        if self.tail.wrapping_sub(self.published) < self.g.slots / 4 {
+            return false;
+        }
+        // Release: as in `publish`.
+        self.raw.u32_at(self.g.base + ring::TAIL).store(self.tail, Ordering::Release);
+        self.published = self.tail;
+        true
+    }
+
     /// Whether the producer is waiting for space (it asked to be told when we free some).
     pub fn producer_waiting(&self) -> bool {
         self.raw.u32_at(self.g.base + ring::PRODUCER_WAITING).load(Ordering::Relaxed) != 0
@@ -1326,6 +1350,53 @@ mod tests {
         );
         assert_eq!(p.publish_and_check_waiting(), None, "nothing new: nothing to say");
         assert!(c.prepare_to_sleep(), "data arrived: do not sleep");
+    }
+
+    #[test]
+    fn test_a_quarter_of_the_ring_is_returned_and_announced_early() {
+        let r = region(64);
+        let mut p = Producer::new(&r, 0, 1, 1);
+        let mut c = Consumer::new(&r, 0, 1);
+        let mut buf = vec![0; 70_000];
+        // The consumer sleeps; 64 one-segment frames fill the ring, a quarter at a time.
+        assert!(!c.prepare_to_sleep());
+        for i in 0..15 {
+            p.push(&[], &frame(i, 100)).unwrap();
+            assert!(!p.take_early_and_check_waiting(), "frame {i}: nothing published yet");
+        }
+        p.push(&[], &frame(15, 100)).unwrap();
+        assert!(p.take_early_and_check_waiting(), "a quarter published: ring the sleeper");
+        assert!(!p.take_early_and_check_waiting(), "reported once");
+        for i in 16..64 {
+            p.push(&[], &frame(i, 100)).unwrap();
+        }
+        assert_eq!(p.push(&[], &frame(64, 100)), Err(PushError::Full));
+        assert_eq!(p.publish_and_check_waiting(), Some(true), "the rest is reported at the end");
+        c.wake();
+        // The producer waits for room, which comes back a quarter at a time, before the
+        // consumer's batch ends.
+        for i in 0..15 {
+            assert_eq!(pop(&mut c, 1, &mut buf).unwrap(), frame(i, 100));
+            assert!(!c.publish_tail_early(), "frame {i}: less than a quarter consumed");
+        }
+        assert_eq!(p.push(&[], &frame(64, 100)), Err(PushError::Full));
+        assert_eq!(pop(&mut c, 1, &mut buf).unwrap(), frame(15, 100));
+        assert!(c.publish_tail_early());
+        assert!(!c.publish_tail_early(), "nothing more consumed");
+        for i in 64..80 {
+            p.push(&[], &frame(i, 100)).unwrap();
+        }
+        assert_eq!(p.push(&[], &frame(80, 100)), Err(PushError::Full));
+        // Counters still come with the full publication; order is kept across both.
+        assert_eq!(RingSnapshot::read(&r, 0, 1).rx_frames, 0);
+        c.publish();
+        p.publish();
+        for i in 16..80 {
+            assert_eq!(pop(&mut c, 1, &mut buf).unwrap(), frame(i, 100));
+        }
+        c.publish();
+        let snap = RingSnapshot::read(&r, 0, 1);
+        assert_eq!((snap.rx_frames, snap.fill), (80, Some(0)));
     }
 
     #[test]
