@@ -625,9 +625,9 @@ uses tcp9000 && MTUS+=(9000)
 uses tcp65521 && MTUS+=(65521)
 
 # Rows that run, and the estimate, in tenths of a second, from runs on this 2-core VM: per
-# scene 0.7 s of setup and teardown; per iperf3 run TIME + 0.5 s; per sockperf run TIME + 2.5 s
+# scene 0.7 s of setup and teardown; per iperf3 run TIME + 0.1 s; per sockperf run TIME + 2.5 s
 # (sockperf waits 2 s before it starts); per idle window IDLE_TIME + 1.3 s; per stack transfer
-# STACK_BYTES at 2.5 Gbit/s + 0.7 s.
+# STACK_BYTES at 4 Gbit/s + 0.7 s.
 RUN_ROWS=()
 EST=0
 for r in $ROWS; do
@@ -639,12 +639,12 @@ for r in $ROWS; do
     RUN_ROWS+=("$r")
     EST=$((EST + 7 * ${#MTUS[@]}))
     for w in tcp1500 tcp9000 tcp65521 tcp1500x4 udp64; do
-        uses $w && EST=$((EST + TIME * 10 + 5))
+        uses $w && EST=$((EST + TIME * 10 + 1))
     done
     uses udp-rr && EST=$((EST + TIME * 10 + 25))
     if [[ $r == ivnet-* ]]; then
         uses idle && EST=$((EST + IDLE_TIME * 10 + 13))
-        uses stack && EST=$((EST + STACK_N * 80 / 2500000000 + 7))
+        uses stack && EST=$((EST + STACK_N * 80 / 4000000000 + 7))
     fi
 done
 EST=$((EST * REPS / 10))
