@@ -106,6 +106,14 @@ impl RingGeom {
     fn mask(&self) -> u32 {
         self.slots - 1
     }
+    /// Segments queued (by the producer) or consumed (by the consumer) since the side last
+    /// published its index, after which it publishes early, before its batch ends: a quarter
+    /// of the ring. A batch of large frames fills the whole ring, and publishing only at the
+    /// end of it would make the two sides take turns instead of working at once.
+    #[inline]
+    fn early_publish(&self) -> u32 {
+        self.slots / 4
+    }
     #[inline]
     fn desc(&self, idx: u32) -> usize {
         self.descs + (idx & self.mask()) as usize * DESC_SIZE
@@ -402,9 +410,7 @@ impl Producer {
         self.frames += 1;
         self.bytes += (total - meta_len) as u64;
         self.dirty = true;
-        // A batch of large frames would otherwise fill the ring before the consumer sees any
-        // of it, and the two sides would take turns instead of working at once.
-        if self.head.wrapping_sub(self.published) >= self.g.slots / 4 {
+        if self.head.wrapping_sub(self.published) >= self.g.early_publish() {
             self.publish_head();
         }
     }
@@ -527,8 +533,7 @@ impl Producer {
         if !self.publish() {
             return None;
         }
-        fence(Ordering::SeqCst);
-        Some(self.raw.u32_at(self.g.base + ring::CONSUMER_WAITING).load(Ordering::Relaxed) != 0)
+        Some(self.consumer_waiting())
     }
 
     /// After a head published early (by `push`, a quarter of the ring at a time): whether the
@@ -536,9 +541,12 @@ impl Producer {
     /// The early publication is then reported (`publish` reports only what follows). Same
     /// fence as [`Producer::publish_and_check_waiting`].
     pub fn take_early_and_check_waiting(&mut self) -> bool {
-        if !std::mem::take(&mut self.unreported) {
-            return false;
-        }
+        std::mem::take(&mut self.unreported) && self.consumer_waiting()
+    }
+
+    /// Whether the consumer's waiting flag is set, read after the head just published (the
+    /// fence of [`Producer::publish_and_check_waiting`]).
+    fn consumer_waiting(&self) -> bool {
         fence(Ordering::SeqCst);
         self.raw.u32_at(self.g.base + ring::CONSUMER_WAITING).load(Ordering::Relaxed) != 0
     }
@@ -998,10 +1006,16 @@ impl Consumer {
         self.raw.u64_at(base + ring::RX_DROP_SIZE).store(self.drop_size, Ordering::Relaxed);
         self.raw.u64_at(base + ring::RX_DROP_OFFLOAD).store(self.drop_offload, Ordering::Relaxed);
         self.raw.u64_at(base + ring::RX_DROP_SOURCE).store(self.drop_source, Ordering::Relaxed);
+        self.publish_tail();
+    }
+
+    /// Publishes the tail only (not the counters).
+    #[inline]
+    fn publish_tail(&mut self) {
         if self.tail != self.published {
             // Release: our reads of the consumed segments happen before the producer may reuse
             // them; pairs with the acquire load of tail in `Producer::has_room`.
-            self.raw.u32_at(base + ring::TAIL).store(self.tail, Ordering::Release);
+            self.raw.u32_at(self.g.base + ring::TAIL).store(self.tail, Ordering::Release);
             self.published = self.tail;
         }
     }
@@ -1009,12 +1023,10 @@ impl Consumer {
     /// Returns consumed segments to the producer early, without the counters, once a quarter of
     /// the ring has been consumed since the last publication. Returns true if it published.
     pub fn publish_tail_early(&mut self) -> bool {
-        if self.tail.wrapping_sub(self.published) < self.g.slots / 4 {
+        if self.tail.wrapping_sub(self.published) < self.g.early_publish() {
             return false;
         }
-        // Release: as in `publish`.
-        self.raw.u32_at(self.g.base + ring::TAIL).store(self.tail, Ordering::Release);
-        self.published = self.tail;
+        self.publish_tail();
         true
     }
 
