@@ -400,18 +400,6 @@ impl Server {
         let highest = recorded.chain(restored.clients.iter().map(|c| c.id)).max();
         let next_id = highest.map_or(0, |h| (h + 1) % (MAX_PEER_ID + 1));
         let (max_clients, per_uid) = client_limits(&cfg, g.max_peers);
-        log::info!(
-            target: crate::NOTICE,
-            "serving {} ({} bytes, {} peer slots) on {} with {} vectors per peer; doorbell ids \
-             from {next_id}; at most {max_clients} clients, {per_uid} per uid (uid 0 unlimited), \
-             {:?} to read the setup",
-            cfg.shm.display(),
-            size,
-            g.max_peers,
-            cfg.socket.display(),
-            cfg.vectors,
-            cfg.limits.handshake_timeout
-        );
         let mut server = Server {
             shm,
             max_peers: g.max_peers,
@@ -432,6 +420,22 @@ impl Server {
             socket_bound_here,
         };
         server.restore_clients(restored, now);
+        // Serving only once the members handed back are adopted: whoever waits for this line
+        // (a test, an operator) then sees them in the log.
+        log::info!(
+            target: crate::NOTICE,
+            "serving {} ({} bytes, {} peer slots) on {} with {} vectors per peer; doorbell ids \
+             from {}; at most {} clients, {} per uid (uid 0 unlimited), {:?} to read the setup",
+            server.cfg.shm.display(),
+            size,
+            server.max_peers,
+            server.cfg.socket.display(),
+            server.cfg.vectors,
+            server.next_id,
+            server.max_clients,
+            server.per_uid,
+            server.cfg.limits.handshake_timeout
+        );
         Ok(server)
     }
 
