@@ -82,6 +82,9 @@ METRICS = [
     Metric("udp-rr-p99", "udp-rr", "UDP RR p99", "us", False, "{:.1f}"),
     Metric("udp64", "udp64", "UDP 64 B rx", "kpps", True, "{:.0f}"),
     Metric("cpu", "cpu", "CPU per GB", "s/GB", False, "{:.2f}", vs_veth=False),
+    # A diagnostic, not a target: every context switch on the machine (relay or agents, iperf3,
+    # kernel threads) per MB moved during tcp1500.
+    Metric("switches", "cpu", "switches per MB", "/MB", False, "{:.1f}", vs_veth=False),
     Metric("idle", "idle", "idle CPU", "% of a core", False, "{:.2f}", vs_veth=False),
     Metric("stack", "stack", "kernel->stack", "Gbit/s", True, "{:.2f}", vs_veth=False),
 ]
@@ -132,11 +135,16 @@ def parse_keyvals(path):
 
 
 def parse_cpu(path):
-    """CPU seconds of the relay or agents per GB that iperf3 received during tcp1500."""
+    """During tcp1500: CPU seconds of the relay or agents per GB that iperf3 received (none for
+    veth), and the machine's context switches per MB (older files lack them)."""
     kv = parse_keyvals(path)
-    ns = int(kv["cpu_ns"][0][0])
     received = read_json(kv["iperf3"][0][0])["end"]["sum_received"]["bytes"]
-    return (ns / 1e9) / (received / 1e9)
+    out = {}
+    if "cpu_ns" in kv:
+        out["cpu"] = (int(kv["cpu_ns"][0][0]) / 1e9) / (received / 1e9)
+    if "switches" in kv:
+        out["switches"] = int(kv["switches"][0][0]) / (received / 1e6)
+    return out
 
 
 def parse_idle(path):
@@ -166,7 +174,7 @@ def values_of(workload, path):
     if workload == "udp-rr":
         return parse_sockperf(path)
     if workload == "cpu":
-        return {"cpu": parse_cpu(path)}
+        return parse_cpu(path)
     if workload == "idle":
         return {"idle": parse_idle(path)}
     if workload == "stack":
@@ -248,6 +256,8 @@ def cell_text(rows, unsupported, row, m, selected):
     if row in unsupported:
         return "unsupported"
     c = rows.get(row, {}).get(m.key)
+    if c is not None and not c["samples"] and not c["failed"]:
+        c = None  # the workload ran but gives no such figure for this row (veth's own CPU)
     if c is None:
         applies = m.key not in ("stack", "idle") or row.startswith("ivnet-")
         if m.key == "cpu" and row == "veth":
@@ -378,7 +388,8 @@ def gap(rows):
             continue
         per_round = round_ratios(rows, r, "crelay-vnet", "tcp1500")
         out.append({"row": r, "what": what, "tcp1500": v, "ratio": v / base,
-                    "rounds": per_round, "cpu": median_of(rows, r, "cpu")})
+                    "rounds": per_round, "cpu": median_of(rows, r, "cpu"),
+                    "switches": median_of(rows, r, "switches")})
     return out
 
 
@@ -448,14 +459,15 @@ def markdown(meta, rows, unsupported, targets, offloads, out):
         L.append(f"Each step against `crelay-vnet` ({median_of(rows, 'crelay-vnet', 'tcp1500'):.2f}"
                  f" Gbit/s{cpu_text}) in this run; the rounds' range in brackets.")
         L.append("")
-        L.append("| path | what it adds | Gbit/s | / C vnet relay | CPU s/GB |")
-        L.append("|---|---|---|---|---|")
+        L.append("| path | what it adds | Gbit/s | / C vnet relay | CPU s/GB | switches/MB |")
+        L.append("|---|---|---|---|---|---|")
         for st in steps:
             rr = st["rounds"]
             spread = f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else ""
             cpu = f"{st['cpu']:.2f}" if st["cpu"] is not None else "-"
+            sw = f"{st['switches']:.1f}" if st["switches"] is not None else "-"
             L.append(f"| {st['row']} | {st['what']} | {st['tcp1500']:.2f} |"
-                     f" {st['ratio']:.2f}x{spread} | {cpu} |")
+                     f" {st['ratio']:.2f}x{spread} | {cpu} | {sw} |")
         L.append("")
     L.append("### Paths and workloads")
     L.append("")

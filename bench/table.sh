@@ -271,6 +271,9 @@ cpu_ns() {
     echo "$total"
 }
 
+# ctxt: context switches on the whole machine so far (the relay's or agents' and iperf3's).
+ctxt() { awk '$1 == "ctxt" { print $2 }' /proc/stat; }
+
 # record ROW WORKLOAD STATUS FILE [NOTE]: one line of samples.tsv.
 record() {
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$ROUND" "$3" "${4:-}" "${5:-}" >>"$OUT/samples.tsv"
@@ -410,22 +413,27 @@ iperf3_run() {
 w_tcp() {
     local name=$1 file=$LOG.$1.json
     shift
-    local c0 c1
+    local c0 c1 x0 x1
     c0=$(cpu_ns "${CPU_PIDS[@]}")
+    x0=$(ctxt)
     if iperf3_run "$name" "$file" "$@"; then
         c1=$(cpu_ns "${CPU_PIDS[@]}")
+        x1=$(ctxt)
         record "$ROW" "$name" ok "$file"
-        if [ "$name" = tcp1500 ] && [ "${#CPU_PIDS[@]}" -gt 0 ]; then
-            printf 'cpu_ns %s\npids %s\niperf3 %s\n' "$((c1 - c0))" "${CPU_PIDS[*]}" "$file" \
-                >"$LOG.cpu"
+        if [ "$name" = tcp1500 ]; then
+            # The path's own CPU (none for veth) and the machine's context switches.
+            {
+                [ "${#CPU_PIDS[@]}" -gt 0 ] && printf 'cpu_ns %s\npids %s\n' "$((c1 - c0))" \
+                    "${CPU_PIDS[*]}"
+                printf 'switches %s\niperf3 %s\n' "$((x1 - x0))" "$file"
+            } >"$LOG.cpu"
             record "$ROW" cpu ok "$LOG.cpu"
         fi
         progress "$name $(jq -r '.end.sum_received.bits_per_second / 1e9 * 100 | round / 100' \
             "$file") Gbit/s"
     else
         record "$ROW" "$name" failed "$file" "iperf3 failed"
-        [ "$name" = tcp1500 ] && [ "${#CPU_PIDS[@]}" -gt 0 ] &&
-            record "$ROW" cpu failed "$file" "iperf3 failed"
+        [ "$name" = tcp1500 ] && record "$ROW" cpu failed "$file" "iperf3 failed"
         progress "$name FAILED ($file)"
     fi
 }
