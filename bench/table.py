@@ -34,6 +34,9 @@ ROW_ORDER = [
     "ivnet-doorbell-off",
     "ivnet-adaptive-on",
     "ivnet-adaptive-off",
+    "ivnet-file-trust",
+    "ivnet-doorbell-trust",
+    "ivnet-adaptive-trust",
 ]
 
 ROW_TEXT = {
@@ -57,6 +60,9 @@ ROW_TEXT = {
     "ivnet-doorbell-off": "ivnet doorbell, offload off",
     "ivnet-adaptive-on": "ivnet adaptive, offload on",
     "ivnet-adaptive-off": "ivnet adaptive, offload off",
+    "ivnet-file-trust": "ivnet file (polling), offload on, --trust-peer-checksums",
+    "ivnet-doorbell-trust": "ivnet doorbell, offload on, --trust-peer-checksums",
+    "ivnet-adaptive-trust": "ivnet adaptive, offload on, --trust-peer-checksums",
 }
 
 
@@ -372,7 +378,10 @@ def evaluate_targets(rows, unsupported):
 GAP_STEPS = [
     ("cring", "two processes joined by shared-memory rings (ivnet's shape, nothing else)"),
     ("cring-sum-nt", "the same with ivnet's integrity rule and streaming stores"),
-] + [(r, "ivnet: the above and everything an agent does besides") for r in ON_ROWS]
+] + [(r, "ivnet: the above and everything an agent does besides") for r in ON_ROWS] + [
+    (r.replace("-on", "-trust"), "ivnet trusting its peers' checksums (no integrity rule)")
+    for r in ON_ROWS
+]
 
 
 def gap(rows):
@@ -533,6 +542,8 @@ COLORS = {
     "ivnet-file-on": "#4e79a7", "ivnet-file-off": "#a0c4e8",
     "ivnet-doorbell-on": "#f28e2b", "ivnet-doorbell-off": "#ffc58f",
     "ivnet-adaptive-on": "#59a14f", "ivnet-adaptive-off": "#a8dba0",
+    "ivnet-file-trust": "#2c5d8a", "ivnet-doorbell-trust": "#c46a10",
+    "ivnet-adaptive-trust": "#3b7a34",
 }
 
 

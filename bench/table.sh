@@ -26,6 +26,8 @@
 #   ivnet-adaptive-on|off  the same with the agent's default spin window (or SPIN_US)
 #   (-on: --offload on, -off: --offload off; a binary without --offload runs the -off rows
 #   without the flag and marks the -on rows "unsupported")
+#   (only when named:) ivnet-file-trust, ivnet-doorbell-trust, ivnet-adaptive-trust: --offload
+#   on --trust-peer-checksums (partial checksums cross the ring, as in cring)
 #
 # Workloads (iperf3 and sockperf between A and B; one scene per row and MTU):
 #   tcp1500 tcp9000 tcp65521  iperf3, one TCP stream A -> B, receiver rate, at that MTU
@@ -48,8 +50,8 @@
 #   IDLE_TIME=2           seconds of the idle window
 #   STACK_BYTES=512M      bytes per kernel -> stack transfer (K, M, G suffixes)
 #   OUT=DIR               output directory (default bench/results/<date>-<commit>/)
-#   IVNET=PATH            ivnet binary (default target/release/ivnet, built with
-#                         `cargo build --release` if missing)
+#   IVNET=PATH            ivnet binary (default target/release/ivnet, brought up to date
+#                         with `cargo build --release` first)
 #   IVNET_AGENT_ARGS      extra flags for every agent, e.g. "--slot-size 4096"
 #   IVNET_SERVER_ARGS     extra flags for the doorbell server of the doorbell and adaptive
 #                         rows, e.g. "--slots 2048 --max-peers 2" (ring geometry)
@@ -70,8 +72,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 ALL_ROWS="veth socat crelay-vnet cring cring-sum-nt ivnet-file-on ivnet-file-off \
 ivnet-doorbell-on ivnet-doorbell-off ivnet-adaptive-on ivnet-adaptive-off"
-# Measured only when named in ROWS: the relay without offloads, the ring relay's other variants.
-EXTRA_ROWS="crelay cring-copy cring-sum cring-nt cring-threads"
+# Measured only when named in ROWS: the relay without offloads, the ring relay's other variants,
+# ivnet trusting its peers' checksums.
+EXTRA_ROWS="crelay cring-copy cring-sum cring-nt cring-threads ivnet-file-trust \
+ivnet-doorbell-trust ivnet-adaptive-trust"
 ALL_WORKLOADS="tcp1500 tcp9000 tcp65521 tcp1500x4 udp-rr udp64 cpu stack idle"
 ROWS=${ROWS:-$ALL_ROWS}
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
@@ -168,7 +172,13 @@ IVNET_ROWS=0
 for r in $ROWS; do case $r in ivnet-*) IVNET_ROWS=1 ;; esac; done
 IVNET_VERSION="-"
 OFFLOAD_FLAG=0
+TRUST_FLAG=0
 if [ "$IVNET_ROWS" = 1 ]; then
+    # Without IVNET, the working tree's ivnet, built now if it is not up to date (a binary left
+    # from an earlier commit would be measured under this commit's name).
+    if [ -z "${IVNET:-}" ] && command -v cargo >/dev/null; then
+        (cd "$ROOT" && cargo build --release --quiet) || die "cannot build ivnet; set IVNET=PATH"
+    fi
     IVNET=${IVNET:-$ROOT/target/release/ivnet}
     if [ ! -x "$IVNET" ]; then
         echo "table: building ivnet (cargo build --release)" >&2
@@ -178,6 +188,7 @@ if [ "$IVNET_ROWS" = 1 ]; then
     IVNET=$(cd "$(dirname "$IVNET")" && pwd)/$(basename "$IVNET")
     IVNET_VERSION=$("$IVNET" --version 2>/dev/null || echo "?")
     if "$IVNET" agent --help 2>/dev/null | grep -q -- --offload; then OFFLOAD_FLAG=1; fi
+    if "$IVNET" agent --help 2>/dev/null | grep -q -- --trust-peer-checksums; then TRUST_FLAG=1; fi
 fi
 
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -356,11 +367,12 @@ start_agent() {
     WAIT_PID=$! wait_for "TAP $tap in $ns (agent log: $log)" 10 ip -n "$ns" link show "$tap"
 }
 
-# ivnet_row BACKEND OFFLOAD: file | doorbell | adaptive, on | off.
+# ivnet_row BACKEND OFFLOAD: file | doorbell | adaptive, on | off | trust.
 ivnet_row() {
     local backend=$1 offload=$2 flags=()
     case $offload in
     on) flags+=(--offload on) ;;
+    trust) flags+=(--offload on --trust-peer-checksums) ;;
     off) [ "$OFFLOAD_FLAG" = 1 ] && flags+=(--offload off) ;;
     esac
     REGION=/dev/shm/ivnet-table-$$-$ROW-$MTU
@@ -539,7 +551,7 @@ scene() {
     REGION=""
     STACK_ARGS=()
     local fn=row_${ROW//-/_} ok=1
-    case $ROW in ivnet-*-on | ivnet-*-off)
+    case $ROW in ivnet-*-on | ivnet-*-off | ivnet-*-trust)
         local rest=${ROW#ivnet-}
         fn="ivnet_row ${rest%-*} ${rest##*-}"
         ;;
@@ -639,9 +651,14 @@ uses tcp65521 && MTUS+=(65521)
 RUN_ROWS=()
 EST=0
 for r in $ROWS; do
-    if [[ $r == ivnet-*-on ]] && [ "$OFFLOAD_FLAG" = 0 ]; then
+    if [[ $r == ivnet-*-on || $r == ivnet-*-trust ]] && [ "$OFFLOAD_FLAG" = 0 ]; then
         ROUND=- record "$r" - unsupported "" "this ivnet binary has no --offload flag"
         say "row $r: unsupported (this ivnet binary has no --offload flag): skipped"
+        continue
+    fi
+    if [[ $r == ivnet-*-trust ]] && [ "$TRUST_FLAG" = 0 ]; then
+        ROUND=- record "$r" - unsupported "" "this ivnet binary has no --trust-peer-checksums"
+        say "row $r: unsupported (this ivnet binary has no --trust-peer-checksums): skipped"
         continue
     fi
     RUN_ROWS+=("$r")

@@ -10,6 +10,8 @@
 //!   MTU-sized frames.
 //! - UDP datagrams larger than the MTU (IP fragments) and UDP GSO (USO) super-frames arrive
 //!   intact, at a peer with offloads and at one without (USO is cut into datagrams for both).
+//! - Members with `--trust-peer-checksums` get frames with partial checksums (USO whole), the
+//!   others complete ones; TCP between every kind of pair intact.
 //!
 //! Needs root and /dev/net/tun; without them each test prints `SKIP ...` (or fails when
 //! `IVNET_REQUIRE_PRIVILEGED_TESTS=1`). The heavy tests are serialised by a file-local mutex.
@@ -385,4 +387,43 @@ fn offload_udp_larger_than_the_mtu_arrives_intact() {
     }
     let o = offloads_of(&st, 0);
     report(&format!("{test}: sender offloads {o}"));
+}
+
+#[test]
+fn offload_trusting_peers_take_partial_checksums_and_the_rest_complete_ones() {
+    let test = "offload_trusting_peers_take_partial_checksums_and_the_rest_complete_ones";
+    if !require_root(test) {
+        return;
+    }
+    let _serial = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // Members 0 and 1 trust each other's checksums; member 2 (offloads on) does not.
+    let trust: &[&str] = &["--offload", "on", "--trust-peer-checksums"];
+    let lab = lab(&[trust, trust, &["--offload", "on"]]);
+    let st = lab.status();
+    for id in [0, 1] {
+        assert!(offloads_of(&st, id).contains("trust_csum"), "peer {id}: {st:#}");
+    }
+    assert!(!offloads_of(&st, 2).contains("trust_csum"), "{st:#}");
+    report(&format!("{test}:"));
+    // Between the trusting members, and each way between a trusting one and the other.
+    transfer(&lab, 0, 1, &Lab::addr(1), 5201, 0x7001);
+    transfer(&lab, 1, 0, &format!("[{}]", addr6(0)), 5202, 0x7002);
+    transfer(&lab, 0, 2, &Lab::addr(2), 5203, 0x7003);
+    transfer(&lab, 2, 0, &format!("[{}]", addr6(0)), 5204, 0x7004);
+    // A USO super-frame keeps its partial checksum: it crosses whole only to a trusting peer.
+    for to in [1, 2] {
+        let before = lab.status();
+        udp_run(&lab, 0, to, &Lab::addr(to), 6400 + to as u16, 19600, Some(1400));
+        let after = lab.status();
+        let delta = |f: &str| {
+            ring_counter(&after, 0, to as u32, f) - ring_counter(&before, 0, to as u32, f)
+        };
+        let (frames, bytes) = (delta("tx_frames").max(1), delta("tx_bytes"));
+        let whole = bytes / frames > 1518;
+        assert_eq!(whole, to == 1, "USO to member {to}: {frames} frames, {bytes} bytes");
+    }
+    let st = lab.status();
+    for (src, dst) in [(0, 1), (1, 0), (0, 2), (2, 0)] {
+        assert_ring_clean(&st, src, dst);
+    }
 }

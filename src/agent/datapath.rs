@@ -143,6 +143,11 @@ pub struct DatapathOptions {
     /// Accept from a peer only frames whose source MAC is the one in its slot when it came up
     /// (a guard against mistakes and casual spoofing; hosts bridged behind a peer are cut off).
     pub pin_macs: bool,
+    /// Take frames with a partial checksum from the ring and hand them to the interface as
+    /// they are, and tell the peers so (`Features::TRUST_CSUM`): they then skip completing
+    /// checksums for us, and our kernel skips verifying them. Only with an interface that
+    /// takes partial checksums; a scribble on the region then goes undetected.
+    pub trust_peer_checksums: bool,
 }
 
 impl Default for DatapathOptions {
@@ -154,6 +159,7 @@ impl Default for DatapathOptions {
             stall_timeout: Duration::from_millis(250),
             batch: 64,
             pin_macs: false,
+            trust_peer_checksums: false,
         }
     }
 }
@@ -190,7 +196,9 @@ pub struct Datapath<T: FrameIo> {
     /// The checksum of the frame in `buf` still to be completed: its header already says the
     /// frame is complete, and no byte of it leaves private memory before this is done, either
     /// by the copy into a ring (which sums as it copies) or in place before it is segmented
-    /// (see [`settle`]). A frame kept in a hold takes its pending checksum with it.
+    /// (see [`settle`]). A frame kept in a hold takes its pending checksum with it. (A peer
+    /// that trusts our checksums gets the frame before this is done, its header saying so
+    /// again: see [`Datapath::send_from`].)
     pending_csum: Option<PartialChecksum>,
     /// Largest plain Ethernet frame the local side sends or takes: MTU + 18.
     max_eth: usize,
@@ -250,12 +258,18 @@ impl<T: FrameIo> Datapath<T> {
     ) -> Self {
         let me = claim.id;
         let n = region.geometry().max_peers;
-        let offloads = tap.offloads();
-        // What others may send us as it is: TCP super-frames with complete checksums. (USO
-        // super-frames must reach a TAP with a partial checksum, so none travel: see
+        let trust = opts.trust_peer_checksums;
+        let offloads = match tap.offloads() {
+            Some(f) if trust && f.contains(Features::CSUM) => Some(f | Features::TRUST_CSUM),
+            other => other,
+        };
+        // What others may send us as it is: TCP super-frames with complete checksums, and, if
+        // we trust them, anything with a partial checksum too. (USO super-frames must reach a
+        // TAP with a partial checksum, so they travel only to a peer that trusts: see
         // `complete_checksum`.)
-        let features = offloads.map_or(0, |f| {
-            f.intersection(Features::from_bits_truncate(!Features::USO.bits())).bits()
+        let features = offloads.map_or(0, |f| match f.contains(Features::TRUST_CSUM) {
+            true => f.bits(),
+            false => f.intersection(Features::from_bits_truncate(!Features::USO.bits())).bits(),
         });
         let identity = link::Identity { mac, mtu: opts.mtu, features, kind };
         let own = OwnSlot::take(&region, claim, identity, opts.link_timeout, Instant::now());
@@ -376,7 +390,8 @@ impl<T: FrameIo> Datapath<T> {
         self.send_from(Source::Buf, dst, len, hdr)
     }
 
-    /// [`Datapath::send_to`] for a frame in `src`.
+    /// [`Datapath::send_to`] for a frame in `src`. A peer that trusts our checksums
+    /// ([`Features::TRUST_CSUM`]) gets it with its partial checksum, as the kernel gave it.
     fn send_from(
         &mut self,
         src: Source,
@@ -385,7 +400,6 @@ impl<T: FrameIo> Datapath<T> {
         hdr: &VnetHdr,
     ) -> Result<(), SendError> {
         let peer = self.peers[dst as usize];
-        let as_is = hdr.is_plain() || (!hdr.needs_csum() && peer.accepts.accepts(hdr));
         let Datapath { producers, buf, held_buf, held, hdr_room, segmenter, pending_csum, .. } =
             self;
         let (frame, pending_csum) = match src {
@@ -395,6 +409,16 @@ impl<T: FrameIo> Datapath<T> {
                 &mut held[p as usize].as_mut().expect("a held frame").csum,
             ),
         };
+        // A peer that trusts us gets the frame with its checksum still partial, as the kernel
+        // gave it (the checksum field still holds the kernel's partial sum): no pass over the
+        // bytes here, none in its kernel.
+        let partial = match *pending_csum {
+            Some(_) => VnetHdr { flags: hdr.flags | VIRTIO_NET_HDR_F_NEEDS_CSUM, ..*hdr },
+            None => *hdr,
+        };
+        let trusting = partial.needs_csum() && peer.accepts.takes_from_ring(&partial);
+        let hdr = if trusting { &partial } else { hdr };
+        let as_is = hdr.is_plain() || peer.accepts.takes_from_ring(hdr);
         if !as_is {
             // Segments are cut from the frame and summed anew: it must be complete first.
             settle(frame, pending_csum);
@@ -419,7 +443,7 @@ impl<T: FrameIo> Datapath<T> {
                 Some(_) => return Err(SendError::Mtu),
                 None => return Err(SendError::Offload),
             }
-            let Some(p) = *pending_csum else {
+            let Some(p) = pending_csum.filter(|_| !trusting) else {
                 return pushed(prod.push(meta, frame));
             };
             // Completed on the way into the ring, and then in the frame's buffer for the next
@@ -568,8 +592,8 @@ impl<T: FrameIo> Datapath<T> {
     /// delivered. A TCP super-frame keeps its GSO header with one checksum over all of it
     /// (the kernel's partial value already sums the pseudo-header with its full length); a
     /// plain frame becomes complete. A UDP super-frame (USO) cannot go to a TAP without a
-    /// partial checksum, so it keeps it and is cut into datagrams for every peer. Returns the
-    /// header that now describes the frame.
+    /// partial checksum, so it keeps it and is cut into datagrams for every peer that does not
+    /// trust ours. Returns the header that now describes the frame.
     ///
     /// The sum itself is taken later, by the copy into the first ring the frame goes to (one
     /// pass over the bytes instead of two), also after a wait in a hold, or by [`settle`] before
@@ -908,9 +932,9 @@ impl<T: FrameIo> Datapath<T> {
             vnet = [0u8; VNET_HDR_LEN];
         } else {
             // A partial checksum would make our kernel take the frame unverified: refused, so
-            // that what a member scribbles over in the region is always caught.
-            if hdr.needs_csum()
-                || offloads.is_none_or(|f| !f.accepts(&hdr))
+            // that what a member scribbles over in the region is always caught, unless we
+            // trust the members (our features then say TRUST_CSUM).
+            if offloads.is_none_or(|f| !f.takes_from_ring(&hdr))
                 || hdr.validate_len(info.len).is_err()
             {
                 return Err(RxDrop::Offload);

@@ -277,10 +277,25 @@ fn test_a_sleeping_consumer_is_rung_when_a_quarter_of_its_ring_is_queued() {
 
 /// A member whose fake TAP has `offloads` (None: plain frames) and MTU `mtu`.
 fn member_with(r: &Region, id: u32, offloads: Option<Features>, mtu: u32) -> Datapath<FakeTap> {
+    member_opts(r, id, offloads, DatapathOptions { mtu, ..Default::default() })
+}
+
+/// A member whose fake TAP has `offloads`, with these options.
+fn member_opts(
+    r: &Region,
+    id: u32,
+    offloads: Option<Features>,
+    opts: DatapathOptions,
+) -> Datapath<FakeTap> {
     let c: Claim = claim(r, Some(id), Duration::from_millis(50)).unwrap();
-    let opts = DatapathOptions { mtu, ..Default::default() };
     let tap = FakeTap { offloads, ..Default::default() };
     Datapath::join(r.clone(), c, tap, Mac::for_peer(id).0, PeerKind::Agent, opts)
+}
+
+/// A member with every offload that trusts its peers' checksums.
+fn trusting(r: &Region, id: u32) -> Datapath<FakeTap> {
+    let opts = DatapathOptions { mtu: 1500, trust_peer_checksums: true, ..Default::default() };
+    member_opts(r, id, Some(Features::ALL), opts)
 }
 
 /// A frame the kernel handed a real TAP (see src/offload/testdata/), readdressed from `src` to
@@ -550,6 +565,75 @@ fn test_a_partial_checksum_from_a_peer_is_refused() {
     b.publish(&mut NoDoorbells);
     assert!(b.tap.outbound.is_empty());
     assert_eq!(RingSnapshot::read(&r, 0, 1).rx_drop_offload, 2);
+}
+
+#[test]
+fn test_a_trusting_peer_gets_frames_as_the_kernel_gave_them_and_the_others_complete_ones() {
+    // B trusts its peers' checksums, C does not: each gets what it asked for, in a flood
+    // whichever comes first (the completed checksum of a frame sent to C first also serves B).
+    for trusting_first in [true, false] {
+        let r = region(3, 256);
+        let mut a = member_with(&r, 0, Some(Features::ALL), 1500);
+        let (mut b, mut c) = match trusting_first {
+            true => (trusting(&r, 1), member_with(&r, 2, Some(Features::ALL), 1500)),
+            false => (trusting(&r, 2), member_with(&r, 1, Some(Features::ALL), 1500)),
+        };
+        round(&mut [&mut a, &mut b, &mut c]);
+        for name in ["tcp4_gso", "tcp6_gso_fin", "tcp4_csum", "udp4_uso", "udp6_uso"] {
+            let bid = b.claim().id;
+            let (hdr, to_b) = captured(name, mac(bid), mac(0));
+            let (_, flood) = captured(name, [0xff; 6], mac(0));
+            assert!(hdr.needs_csum(), "{name}: captured with a partial checksum");
+            for f in [&to_b, &flood] {
+                a.tap.inbound.push_back(with_header(&hdr, f));
+            }
+            b.tap.outbound.clear();
+            c.tap.outbound.clear();
+            round(&mut [&mut a, &mut b, &mut c]);
+            // Unicast to B: the kernel's header and bytes, untouched (USO too: not cut up).
+            let got = delivered(&b);
+            assert_eq!(got.len(), 2, "{name}: {got:?}");
+            assert_eq!(got[0], (hdr, to_b.clone()), "{name}: unicast to the trusting peer");
+            // The flood: as the kernel gave it if B came first, else completed on the way to C
+            // (a USO frame is cut into new datagrams for C and stays as it was).
+            let (h, f) = &got[1];
+            if trusting_first || matches!(hdr.gso(), Ok(Gso::Udp)) {
+                assert_eq!((h, f), (&hdr, &flood), "{name}: flood to the trusting peer");
+            } else {
+                assert!(!h.needs_csum(), "{name}: {h:?}");
+                assert_checksums_complete(f, name);
+            }
+            // C never sees a partial checksum.
+            let got = delivered(&c);
+            assert!(!got.is_empty(), "{name}: nothing reached C");
+            let mut payload = Vec::new();
+            for (h, f) in &got {
+                assert!(!h.needs_csum(), "{name}: a partial checksum reached C");
+                assert_checksums_complete(f, name);
+                payload.extend_from_slice(&l4_payload(f));
+            }
+            assert_eq!(payload, l4_payload(&flood), "{name}: payload to C");
+        }
+    }
+}
+
+#[test]
+fn test_a_trusting_receiver_takes_partial_checksums_from_the_ring() {
+    let r = region(2, 256);
+    let (mut a, mut b) = (member_with(&r, 0, Some(Features::ALL), 1500), trusting(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    let mut sender = Producer::new(&r, 0, 1, a.claim().epoch());
+    let mut sent = Vec::new();
+    for name in ["tcp4_gso", "tcp4_csum", "udp6_uso"] {
+        let (hdr, f) = captured(name, mac(1), mac(0));
+        sender.push(&hdr.encode(), &f).unwrap();
+        sent.push((hdr, f));
+    }
+    sender.publish();
+    b.rx(Instant::now(), &mut NoDoorbells);
+    b.publish(&mut NoDoorbells);
+    assert_eq!(delivered(&b), sent);
+    assert_eq!(RingSnapshot::read(&r, 0, 1).rx_drop_offload, 0);
 }
 
 #[test]

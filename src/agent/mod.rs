@@ -23,6 +23,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::config::AgentConfig;
 use crate::doorbell::{NoDoorbells, Notifier, Wakeups, VECTOR_LINK};
+use crate::offload::Features;
 use crate::region::{PeerKind, PeerState, Region};
 use crate::sys::{SignalFd, TimerFd};
 use datapath::{Datapath, DatapathError, DatapathOptions};
@@ -136,16 +137,25 @@ pub fn run(
         mtu: cfg.mtu,
         link_timeout: cfg.link_timeout,
         pin_macs: cfg.pin_macs,
+        trust_peer_checksums: cfg.trust_peer_checksums,
         ..DatapathOptions::default()
     };
     let tap_fd = tap::FrameIo::raw_fd(&tap).expect("a real TAP has a descriptor");
     let offloads = tap::FrameIo::offloads(&tap);
+    let trust = cfg.trust_peer_checksums && offloads.is_some_and(|f| f.contains(Features::CSUM));
+    if cfg.trust_peer_checksums && !trust {
+        log::warn!(
+            "--trust-peer-checksums has no effect: {} takes no partial checksums (offloads off); \
+             peers keep sending complete ones",
+            tap.name()
+        );
+    }
     let tap_name = tap.name().to_string();
     let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
     guard.armed = false;
     log::info!(
         target: crate::NOTICE,
-        "joined {} as peer {} (incarnation {}): {} up, MAC {} MTU {} offloads {}{}",
+        "joined {} as peer {} (incarnation {}): {} up, MAC {} MTU {} offloads {}{}{}",
         region.name(),
         claim.id,
         claim.incarnation,
@@ -153,6 +163,7 @@ pub fn run(
         mac,
         cfg.mtu,
         offloads.map_or_else(|| "off".to_string(), |f| f.to_string()),
+        if trust { ", trusting peers' checksums" } else { "" },
         cfg.addresses.iter().map(|a| format!(" {a}")).collect::<String>()
     );
     let who = format!("peer {} on {} ({tap_name})", claim.id, region.name());

@@ -359,8 +359,16 @@ impl Features {
     pub const TSO_ECN: Features = Features(8);
     /// UDP GSO (`UDP_L4`), IPv4 and IPv6.
     pub const USO: Features = Features(16);
-    /// Every feature ivnet knows.
+    /// Every offload ivnet knows (what a TAP may take).
     pub const ALL: Features = Features(31);
+    /// Not an offload of the interface but a choice of its owner: it takes frames with a
+    /// partial checksum (NEEDS_CSUM) straight from the ring, to be handed to its kernel
+    /// unverified, because it trusts the other members not to scribble on the region
+    /// (`--trust-peer-checksums`). Without it, senders complete every checksum before a frame
+    /// enters shared memory, and the receiving kernel verifies it.
+    pub const TRUST_CSUM: Features = Features(32);
+    /// Every bit a peer table entry may carry.
+    const KNOWN: Features = Features(Self::ALL.0 | Self::TRUST_CSUM.0);
     /// Required by headers ivnet cannot forward as they are; [`Features::from_bits_truncate`]
     /// never yields it, so no receiver has it.
     pub const UNSATISFIABLE: Features = Features(1 << 31);
@@ -372,7 +380,7 @@ impl Features {
 
     /// Features from raw bits (e.g. read from the untrusted peer table); unknown bits dropped.
     pub const fn from_bits_truncate(bits: u32) -> Features {
-        Features(bits & Self::ALL.0)
+        Features(bits & Self::KNOWN.0)
     }
 
     /// True if every feature in `other` is in `self`.
@@ -389,6 +397,13 @@ impl Features {
     /// [`VnetHdr::largest_segment_len`]).
     pub fn accepts(self, hdr: &VnetHdr) -> bool {
         self.contains(hdr.required())
+    }
+
+    /// True if a receiver with these features takes a frame with `hdr` from the ring as it is:
+    /// it accepts its offloads, and a partial checksum only if it trusts the other members
+    /// ([`Features::TRUST_CSUM`]).
+    pub fn takes_from_ring(self, hdr: &VnetHdr) -> bool {
+        self.accepts(hdr) && (!hdr.needs_csum() || self.contains(Self::TRUST_CSUM))
     }
 
     /// The `TUNSETOFFLOAD` argument that enables these features on a TAP. The kernel takes
@@ -444,7 +459,7 @@ impl std::ops::BitOr for Features {
 }
 
 impl std::fmt::Display for Features {
-    /// `csum,tso4,tso6,tso_ecn,uso`, or `none`; for `ivnet status`.
+    /// `csum,tso4,tso6,tso_ecn,uso,trust_csum`, or `none`; for `ivnet status`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names = [
             (Self::CSUM, "csum"),
@@ -452,6 +467,7 @@ impl std::fmt::Display for Features {
             (Self::TSO6, "tso6"),
             (Self::TSO_ECN, "tso_ecn"),
             (Self::USO, "uso"),
+            (Self::TRUST_CSUM, "trust_csum"),
         ];
         let mut first = true;
         for (bit, name) in names {
@@ -484,7 +500,9 @@ mod tests {
         assert_eq!(Features::TSO_ECN.bits(), 8);
         assert_eq!(Features::USO.bits(), 16);
         assert_eq!(Features::ALL.bits(), 31);
-        assert_eq!(Features::from_bits_truncate(0xffff_ffff), Features::ALL);
+        assert_eq!(Features::TRUST_CSUM.bits(), 32);
+        assert_eq!(Features::from_bits_truncate(0xffff_ffff), Features::ALL | Features::TRUST_CSUM);
+        assert_eq!(Features::TRUST_CSUM.to_tun_flags(), 0, "not a TAP offload");
         assert!(!Features::from_bits_truncate(u32::MAX).contains(Features::UNSATISFIABLE));
     }
 
@@ -547,6 +565,12 @@ mod tests {
         assert!(Features::ALL.accepts(&tso4));
         assert!(!(Features::CSUM | Features::TSO6).accepts(&tso4));
         assert!(!Features::TSO4.accepts(&tso4), "TSO without CSUM is not enough");
+        // From the ring, a partial checksum needs trust as well.
+        assert!(!Features::ALL.takes_from_ring(&tso4));
+        assert!((Features::ALL | Features::TRUST_CSUM).takes_from_ring(&tso4));
+        let complete = VnetHdr { flags: 0, ..tso4 };
+        assert!(Features::ALL.takes_from_ring(&complete));
+        assert!(!Features::TRUST_CSUM.takes_from_ring(&complete), "trust is not an offload");
     }
 
     #[test]
@@ -568,6 +592,7 @@ mod tests {
         assert_eq!(Features::NONE.to_string(), "none");
         assert_eq!(Features::ALL.to_string(), "csum,tso4,tso6,tso_ecn,uso");
         assert_eq!((Features::CSUM | Features::USO).to_string(), "csum,uso");
+        assert_eq!((Features::CSUM | Features::TRUST_CSUM).to_string(), "csum,trust_csum");
     }
 
     fn tso(gso_type: u8, gso_size: u16) -> VnetHdr {
