@@ -419,7 +419,8 @@ def markdown(meta, rows, unsupported, targets, offloads, out):
              f" x TIME={meta.get('time')} s, measured in {meta.get('duration_s', '?')} s")
     L.append(f"- machine: {meta.get('cpu', '?')}, {meta.get('nproc', '?')} CPUs, kernel "
              f"{meta.get('kernel', '?')}; load average at start {meta.get('load_start', '?')},"
-             f" at end {meta.get('load_end', '?')}; TCP congestion control"
+             f" at end {meta.get('load_end', '?')}; CPU time stolen by the host"
+             f" {meta.get('steal_pct', '?')}%; TCP congestion control"
              f" {meta.get('tcp_cc', 'not recorded')}")
     if meta.get("ivnet", "-") != "-":
         flag = "has `--offload`" if meta.get("offload_flag") == "1" else "no `--offload` flag"

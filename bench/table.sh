@@ -675,6 +675,10 @@ done
 EST=$((EST * REPS / 10))
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# cpu_ticks: "steal total" jiffies of all CPUs so far: the share the hypervisor gave to others
+# while this VM wanted to run (a run with much of it is one to repeat).
+cpu_ticks() { awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t }' /proc/stat; }
+TICKS_START=$(cpu_ticks)
 {
     printf 'date\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     printf 'commit\t%s\n' "$COMMIT"
@@ -719,6 +723,8 @@ for ROUND in $(seq 1 "$REPS"); do
     done
 done
 printf 'load_end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/meta.tsv"
+printf 'steal_pct\t%s\n' "$(echo "$TICKS_START $(cpu_ticks)" |
+    awk '$4 > $2 { printf "%.1f", ($3 - $1) * 100 / ($4 - $2) }')" >>"$OUT/meta.tsv"
 printf 'duration_s\t%s\n' "$((SECONDS - T0))" >>"$OUT/meta.tsv"
 say "measured in $((SECONDS - T0)) s"
 

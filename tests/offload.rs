@@ -11,7 +11,8 @@
 //! - UDP datagrams larger than the MTU (IP fragments) and UDP GSO (USO) super-frames arrive
 //!   intact, at a peer with offloads and at one without (USO is cut into datagrams for both).
 //! - Members with `--trust-peer-checksums` get frames with partial checksums (USO whole), the
-//!   others complete ones; TCP between every kind of pair intact.
+//!   others complete ones; TCP between every kind of pair intact; with only trusting members,
+//!   frames read straight into the ring arrive intact.
 //!
 //! Needs root and /dev/net/tun; without them each test prints `SKIP ...` (or fails when
 //! `IVNET_REQUIRE_PRIVILEGED_TESTS=1`). The heavy tests are serialised by a file-local mutex.
@@ -426,4 +427,27 @@ fn offload_trusting_peers_take_partial_checksums_and_the_rest_complete_ones() {
     for (src, dst) in [(0, 1), (1, 0), (0, 2), (2, 0)] {
         assert_ring_clean(&st, src, dst);
     }
+}
+
+#[test]
+fn offload_two_trusting_peers_read_frames_straight_into_the_ring() {
+    let test = "offload_two_trusting_peers_read_frames_straight_into_the_ring";
+    if !require_root(test) {
+        return;
+    }
+    let _serial = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // Every peer trusts: super-frames are read from the TAP straight into the ring, header and
+    // all (the data path's unit tests count those reads; here the real TAP's readv does it).
+    let trust: &[&str] = &["--offload", "on", "--trust-peer-checksums"];
+    let lab = lab(&[trust, trust]);
+    report(&format!("{test}:"));
+    transfer(&lab, 0, 1, &Lab::addr(1), 5201, 0x7101);
+    transfer(&lab, 1, 0, &format!("[{}]", addr6(0)), 5202, 0x7102);
+    udp_run(&lab, 0, 1, &Lab::addr(1), 6501, 19600, Some(1400));
+    let st = lab.status();
+    assert_ring_clean(&st, 0, 1);
+    assert_ring_clean(&st, 1, 0);
+    let frames = ring_counter(&st, 0, 1, "tx_frames").max(1);
+    let bytes = ring_counter(&st, 0, 1, "tx_bytes");
+    assert!(bytes / frames > 1518, "average frame on ring 0->1: {} bytes", bytes / frames);
 }

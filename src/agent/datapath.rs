@@ -67,6 +67,21 @@ enum Source {
     Held(u32),
 }
 
+/// Rings the producer of ring `src -> us` if its flag says it waits for room there (call after
+/// publishing the tail), and counts the doorbell. Returns whether it rang.
+fn ring_waiting_producer(
+    cons: &Consumer,
+    src: u32,
+    notifier: &mut dyn Notifier,
+    doorbells: &mut [u64; DOORBELL_COUNTERS],
+) -> bool {
+    let rung = cons.producer_waiting() && notifier.notify(src, VECTOR_DATA);
+    if rung {
+        doorbells[DoorbellCounter::Rung as usize] += 1;
+    }
+    rung
+}
+
 /// Completes the checksum `pending` says `frame` still lacks, in place (see
 /// `Datapath::complete_checksum`), and clears it.
 fn settle(frame: &mut [u8], pending: &mut Option<PartialChecksum>) {
@@ -621,26 +636,39 @@ impl<T: FrameIo> Datapath<T> {
     /// destination, if it is up, keeps nothing held for it, and has room for the largest frame
     /// (as large as the transmit buffer, so truncation is detected the same way).
     fn speculate(&mut self) -> Option<(u32, [(usize, usize); 2])> {
-        // Only for an interface without offloads: its frames come with checksums the kernel
-        // completed before they reached the ring. Offloaded frames get theirs summed over the
-        // private transmit buffer (see `complete_checksum`), never over shared memory, where a
-        // scribble between the read and the sum would go unnoticed.
-        if self.offloads.is_some() {
-            return None;
-        }
+        // Without offloads the frames come with checksums the kernel completed before they
+        // reached the ring. Offloaded frames get theirs summed over the private transmit
+        // buffer (see `complete_checksum`), never over shared memory, where a scribble between
+        // the read and the sum would go unnoticed: so they are read into a ring only when every
+        // peer up trusts our checksums (none of them wants a sum, and a frame that turns out to
+        // be for another peer and is copied out again reaches only such peers).
         let peer = self.last_dst?;
         if !self.links.is_up(peer) || self.held[peer as usize].is_some() {
+            return None;
+        }
+        if self.offloads.is_some() && !self.every_peer_up_trusts() {
             return None;
         }
         let ranges = self.producers[peer as usize].as_mut()?.reserve(self.buf.len())?;
         Some((peer, ranges))
     }
 
-    /// Queues the plain frame (`n` bytes; see [`Datapath::speculate`]: no offloads, so no header
-    /// before it) just read into `peer`'s ring where it lies, if it is for `peer` and fits both
-    /// MTUs (what [`Datapath::forward_local`] and [`Datapath::send_to`] would decide). Returns
-    /// false, having changed nothing but the switch's learning, if it must go the usual way. The
-    /// decision uses a copy of the header: the ring is shared.
+    /// Whether every peer whose link is up takes partial checksums from us
+    /// ([`Features::TRUST_CSUM`]).
+    fn every_peer_up_trusts(&self) -> bool {
+        (0..self.peers.len() as u32).all(|p| {
+            p == self.claim.id
+                || !self.links.is_up(p)
+                || self.peers[p as usize].accepts.contains(Features::TRUST_CSUM)
+        })
+    }
+
+    /// Queues the frame just read into `peer`'s ring (`n` bytes, the interface's virtio-net
+    /// header first if it has one; see [`Datapath::speculate`]) where it lies, if it is for
+    /// `peer` and `peer` takes it as it is (what [`Datapath::forward_local`] and
+    /// [`Datapath::send_to`] would decide). Returns false, having changed nothing but the
+    /// switch's learning, if it must go the usual way. The decision uses a copy of the headers:
+    /// the ring is shared.
     fn commit_in_place(
         &mut self,
         peer: u32,
@@ -648,13 +676,34 @@ impl<T: FrameIo> Datapath<T> {
         n: usize,
         now: Instant,
     ) -> bool {
-        debug_assert_eq!(self.hdr_room, 0, "frames are read into a ring only without offloads");
-        if n < 14 || n > self.max_eth || n > self.peers[peer as usize].max_eth {
-            return false;
+        let room = self.hdr_room;
+        let Some(len) = n.checked_sub(room).filter(|&l| l >= 14) else { return false };
+        let mut head = [0u8; VNET_HDR_LEN + HEADER_PEEK];
+        let seen = n.min(room + HEADER_PEEK);
+        let prod = self.producers[peer as usize].as_ref().expect("producer");
+        prod.copy_reserved(ranges, 0, &mut head[..seen]);
+        let hdr = match room {
+            0 => VnetHdr::default(),
+            _ => VnetHdr::decode(head[..VNET_HDR_LEN].try_into().expect("header length")),
+        };
+        let frame_head = &head[room..seen];
+        let to = self.peers[peer as usize];
+        if hdr.is_plain() {
+            if len > self.max_eth || len > to.max_eth {
+                return false;
+            }
+        } else {
+            let ours = self.offloads.is_some_and(|f| f.accepts(&hdr));
+            if !ours || hdr.validate_len(len).is_err() || !to.accepts.takes_from_ring(&hdr) {
+                return false;
+            }
+            match hdr.largest_segment_len_of(frame_head, len) {
+                Some(l) if l <= to.max_eth => {}
+                _ => return false,
+            }
         }
         let mut addrs = [0u8; 12];
-        let prod = self.producers[peer as usize].as_ref().expect("producer");
-        prod.copy_reserved(ranges, 0, &mut addrs);
+        addrs.copy_from_slice(&frame_head[..12]);
         let flooded = match self.switch_addresses(addrs, now) {
             Forward::Unicast(p) if p == peer && self.links.is_up(p) => false,
             // A flood whose only recipient is that peer.
@@ -662,11 +711,11 @@ impl<T: FrameIo> Datapath<T> {
             _ => return false,
         };
         let prod = self.producers[peer as usize].as_mut().expect("producer");
-        if prod.commit_reserved(0, n).is_err() {
+        if prod.commit_reserved(room, n).is_err() {
             return false;
         }
         self.count(PeerCounter::LocalRxFrames, 1);
-        self.count(PeerCounter::LocalRxBytes, n as u64);
+        self.count(PeerCounter::LocalRxBytes, len as u64);
         if flooded {
             self.count(PeerCounter::Flooded, 1);
         }
@@ -1012,11 +1061,8 @@ impl<T: FrameIo> Datapath<T> {
                                 // deliver the rest instead of waiting for our whole batch (the
                                 // flag says it waits; it may have refilled and be waiting again
                                 // since an earlier doorbell of this pass).
-                                if cons.publish_tail_early()
-                                    && cons.producer_waiting()
-                                    && notifier.notify(src, VECTOR_DATA)
-                                {
-                                    self.doorbells[DoorbellCounter::Rung as usize] += 1;
+                                if cons.publish_tail_early() {
+                                    ring_waiting_producer(cons, src, notifier, &mut self.doorbells);
                                 }
                                 self.counters[PeerCounter::LocalTxFrames as usize] += 1;
                                 self.counters[PeerCounter::LocalTxBytes as usize] +=
@@ -1037,8 +1083,8 @@ impl<T: FrameIo> Datapath<T> {
                 }
             }
             cons.publish();
-            if n > 0 && cons.producer_waiting() && notifier.notify(src, VECTOR_DATA) {
-                self.doorbells[DoorbellCounter::Rung as usize] += 1;
+            if n > 0 {
+                ring_waiting_producer(cons, src, notifier, &mut self.doorbells);
             }
             handled += n;
         }
@@ -1417,8 +1463,7 @@ impl<T: FrameIo> Datapath<T> {
         let taken = std::mem::take(&mut self.rx_taken[src]);
         let Some(cons) = self.consumers[src].as_mut() else { return };
         cons.publish();
-        if taken > 0 && cons.producer_waiting() && notifier.notify(src as u32, VECTOR_DATA) {
-            self.doorbells[DoorbellCounter::Rung as usize] += 1;
+        if taken > 0 && ring_waiting_producer(cons, src as u32, notifier, &mut self.doorbells) {
             self.counters_dirty = true;
         }
     }

@@ -618,6 +618,44 @@ fn test_a_trusting_peer_gets_frames_as_the_kernel_gave_them_and_the_others_compl
 }
 
 #[test]
+fn test_frames_for_a_trusting_peer_are_read_straight_into_its_ring_while_all_peers_trust() {
+    let r = region(3, 256);
+    let (mut a, mut b) = (trusting(&r, 0), trusting(&r, 1));
+    round(&mut [&mut a, &mut b]);
+    let names = ["tcp4_gso", "tcp6_gso_fin", "tcp4_csum", "udp4_uso", "tcp4_ecn_gso"];
+    let send = |a: &mut Datapath<FakeTap>| {
+        let mut sent = Vec::new();
+        for name in names {
+            let (hdr, f) = captured(name, mac(1), mac(0));
+            a.tap.inbound.push_back(with_header(&hdr, &f));
+            sent.push((hdr, f));
+        }
+        sent
+    };
+    let sent = send(&mut a);
+    round(&mut [&mut a, &mut b]);
+    // The first frame shows where frames go; the rest are read into B's ring, header and all,
+    // and reach B as the kernel gave them.
+    assert_eq!(delivered(&b), sent);
+    assert_eq!(a.tap.reads_into_ring, names.len() - 1);
+    // A peer that does not trust comes up: frames are read into the private buffer again (and
+    // still reach B as they were).
+    let mut c = member_with(&r, 2, Some(Features::ALL), 1500);
+    round(&mut [&mut a, &mut b, &mut c]);
+    b.tap.outbound.clear();
+    let sent = send(&mut a);
+    round(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(delivered(&b), sent);
+    assert_eq!(
+        a.tap.reads_into_ring,
+        names.len() - 1,
+        "read into a ring beside a peer that checks"
+    );
+    let s = RingSnapshot::read(&r, 0, 1);
+    assert_eq!((s.rx_drop_offload, s.rx_drop_size), (0, 0));
+}
+
+#[test]
 fn test_a_trusting_receiver_takes_partial_checksums_from_the_ring() {
     let r = region(2, 256);
     let (mut a, mut b) = (member_with(&r, 0, Some(Features::ALL), 1500), trusting(&r, 1));

@@ -320,6 +320,8 @@ pub struct FakeTap {
     /// Offloads it claims (frames read and written then carry a virtio-net header, which is
     /// part of the queued and recorded bytes).
     pub offloads: Option<Features>,
+    /// Frames the data path read straight into a ring.
+    pub reads_into_ring: usize,
 }
 
 impl FrameIo for FakeTap {
@@ -341,7 +343,10 @@ impl FrameIo for FakeTap {
         _iov: &mut Vec<libc::iovec>,
     ) -> io::Result<usize> {
         match self.inbound.pop_front() {
-            Some(f) => Ok(prod.fill_reserved(ranges, &f)),
+            Some(f) => {
+                self.reads_into_ring += 1;
+                Ok(prod.fill_reserved(ranges, &f))
+            }
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
