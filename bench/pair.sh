@@ -79,7 +79,7 @@ import csv, statistics, sys
 path, a_bin, b_bin, row = sys.argv[1:]
 rows = list(csv.DictReader(open(path), delimiter="\t"))
 keys = sorted({r["workload"] for r in rows})
-lower_better = {"udp-rr-p50", "udp-rr-p99"}
+lower_better = {"udp-rr-p50", "udp-rr-p99", "switches"}
 print(f"## Paired runs of `{row}`: A = `{a_bin}`, B = `{b_bin}`\n")
 print("Ratio of each call's figure to veth measured in the same call; median over rounds, then")
 print("in how many rounds measured with both B was better than A.\n")
