@@ -379,7 +379,8 @@ GAP_STEPS = [
     ("cring", "two processes joined by shared-memory rings (ivnet's shape, nothing else)"),
     ("cring-sum-nt", "the same with ivnet's integrity rule and streaming stores"),
 ] + [(r, "ivnet: the above and everything an agent does besides") for r in ON_ROWS] + [
-    (r.replace("-on", "-trust"), "ivnet trusting its peers' checksums (no integrity rule)")
+    (r.replace("-on", "-trust"),
+     "ivnet trusting its peers' checksums: no integrity rule, frames read into the ring")
     for r in ON_ROWS
 ]
 
