@@ -379,6 +379,12 @@ impl<T: FrameIo> Datapath<T> {
         self.unringable.iter().enumerate().any(|(p, &u)| u && links.is_up(p as u32))
     }
 
+    /// Whether we take partial checksums from our peers unverified: asked for
+    /// ([`DatapathOptions::trust_peer_checksums`]) and possible (the interface takes them).
+    pub fn trusts_peer_checksums(&self) -> bool {
+        self.offloads.is_some_and(|f| f.contains(Features::TRUST_CSUM))
+    }
+
     /// Whether a frame is held back waiting for ring space.
     pub fn is_blocked(&self) -> bool {
         self.blocked.is_some() || self.held.iter().any(Option::is_some)
@@ -678,15 +684,16 @@ impl<T: FrameIo> Datapath<T> {
     ) -> bool {
         let room = self.hdr_room;
         let Some(len) = n.checked_sub(room).filter(|&l| l >= 14) else { return false };
-        let mut head = [0u8; VNET_HDR_LEN + HEADER_PEEK];
-        let seen = n.min(room + HEADER_PEEK);
         let prod = self.producers[peer as usize].as_ref().expect("producer");
-        prod.copy_reserved(ranges, 0, &mut head[..seen]);
-        let hdr = match room {
-            0 => VnetHdr::default(),
-            _ => VnetHdr::decode(head[..VNET_HDR_LEN].try_into().expect("header length")),
-        };
-        let frame_head = &head[room..seen];
+        let mut vnet = [0u8; VNET_HDR_LEN];
+        prod.copy_reserved(ranges, 0, &mut vnet[..room]);
+        let hdr = VnetHdr::decode(&vnet);
+        // As in `inspect`: a plain frame needs only its addresses looked at, an offloaded one
+        // its L3/L4 headers too (for the size of its segments).
+        let mut head = [0u8; HEADER_PEEK];
+        let seen = len.min(if hdr.is_plain() { 12 } else { HEADER_PEEK });
+        prod.copy_reserved(ranges, room, &mut head[..seen]);
+        let frame_head = &head[..seen];
         let to = self.peers[peer as usize];
         if hdr.is_plain() {
             if len > self.max_eth || len > to.max_eth {

@@ -23,7 +23,6 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::config::AgentConfig;
 use crate::doorbell::{NoDoorbells, Notifier, Wakeups, VECTOR_LINK};
-use crate::offload::Features;
 use crate::region::{PeerKind, PeerState, Region};
 use crate::sys::{SignalFd, TimerFd};
 use datapath::{Datapath, DatapathError, DatapathOptions};
@@ -142,17 +141,16 @@ pub fn run(
     };
     let tap_fd = tap::FrameIo::raw_fd(&tap).expect("a real TAP has a descriptor");
     let offloads = tap::FrameIo::offloads(&tap);
-    let trust = cfg.trust_peer_checksums && offloads.is_some_and(|f| f.contains(Features::CSUM));
-    if cfg.trust_peer_checksums && !trust {
-        log::warn!(
-            "--trust-peer-checksums has no effect: {} takes no partial checksums (offloads off); \
-             peers keep sending complete ones",
-            tap.name()
-        );
-    }
     let tap_name = tap.name().to_string();
     let mut dp = Datapath::join(region.clone(), claim, tap, mac.0, PeerKind::Agent, opts);
     guard.armed = false;
+    let trust = dp.trusts_peer_checksums();
+    if cfg.trust_peer_checksums && !trust {
+        log::warn!(
+            "--trust-peer-checksums has no effect: {tap_name} takes no partial checksums \
+             (offloads off); peers keep sending complete ones"
+        );
+    }
     log::info!(
         target: crate::NOTICE,
         "joined {} as peer {} (incarnation {}): {} up, MAC {} MTU {} offloads {}{}{}",
