@@ -76,6 +76,18 @@ fn transfer(lab: &Lab, from: usize, to: usize, to_addr: &str, port: u16, seed: u
     ));
 }
 
+/// Frames and bytes (frames at least 1) that `run` made member `src` queue on ring `src -> dst`.
+fn ring_traffic(lab: &Lab, src: u32, dst: u32, run: impl FnOnce()) -> (u64, u64) {
+    let before = lab.status();
+    run();
+    let after = lab.status();
+    let delta = |f: &str| ring_counter(&after, src, dst, f) - ring_counter(&before, src, dst, f);
+    (delta("tx_frames").max(1), delta("tx_bytes"))
+}
+
+/// Flags of a member that trusts its peers' checksums.
+const TRUST: &[&str] = &["--offload", "on", "--trust-peer-checksums"];
+
 /// Asserts that nothing on ring `src -> dst` was dropped for size, offload metadata or
 /// corruption.
 fn assert_ring_clean(st: &serde_json::Value, src: u32, dst: u32) {
@@ -369,16 +381,13 @@ fn offload_udp_larger_than_the_mtu_arrives_intact() {
         udp_run(&lab, 0, to, &Lab::addr(to), 6000 + to as u16, 8000, None);
         udp_run(&lab, 0, to, &format!("[{}]", addr6(to)), 6100 + to as u16, 8000, None);
         // UDP GSO: 14 datagrams of 1400 bytes per send, one USO super-frame each.
-        let before = lab.status();
-        udp_run(&lab, 0, to, &Lab::addr(to), 6200 + to as u16, 19600, Some(1400));
-        udp_run(&lab, 0, to, &format!("[{}]", addr6(to)), 6300 + to as u16, 19600, Some(1400));
-        let after = lab.status();
-        let delta = |f: &str| {
-            ring_counter(&after, 0, to as u32, f) - ring_counter(&before, 0, to as u32, f)
-        };
-        let (frames, bytes) = (delta("tx_frames").max(1), delta("tx_bytes"));
-        // A USO super-frame can only reach a TAP with a partial checksum, and nothing crosses
-        // the ring with one: the sender cuts it into complete datagrams for every peer.
+        let (frames, bytes) = ring_traffic(&lab, 0, to as u32, || {
+            udp_run(&lab, 0, to, &Lab::addr(to), 6200 + to as u16, 19600, Some(1400));
+            udp_run(&lab, 0, to, &format!("[{}]", addr6(to)), 6300 + to as u16, 19600, Some(1400));
+        });
+        // A USO super-frame can only reach a TAP with a partial checksum, and none crosses the
+        // ring with one to a peer that does not trust ours (none here does): the sender cuts it
+        // into complete datagrams for every peer.
         assert!(bytes / frames <= 1518, "USO to member {to}: {frames} frames, {bytes} bytes");
         assert!(frames >= 2 * 2800, "USO to member {to}: only {frames} frames");
     }
@@ -398,8 +407,7 @@ fn offload_trusting_peers_take_partial_checksums_and_the_rest_complete_ones() {
     }
     let _serial = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     // Members 0 and 1 trust each other's checksums; member 2 (offloads on) does not.
-    let trust: &[&str] = &["--offload", "on", "--trust-peer-checksums"];
-    let lab = lab(&[trust, trust, &["--offload", "on"]]);
+    let lab = lab(&[TRUST, TRUST, &["--offload", "on"]]);
     let st = lab.status();
     for id in [0, 1] {
         assert!(offloads_of(&st, id).contains("trust_csum"), "peer {id}: {st:#}");
@@ -413,13 +421,9 @@ fn offload_trusting_peers_take_partial_checksums_and_the_rest_complete_ones() {
     transfer(&lab, 2, 0, &format!("[{}]", addr6(0)), 5204, 0x7004);
     // A USO super-frame keeps its partial checksum: it crosses whole only to a trusting peer.
     for to in [1, 2] {
-        let before = lab.status();
-        udp_run(&lab, 0, to, &Lab::addr(to), 6400 + to as u16, 19600, Some(1400));
-        let after = lab.status();
-        let delta = |f: &str| {
-            ring_counter(&after, 0, to as u32, f) - ring_counter(&before, 0, to as u32, f)
-        };
-        let (frames, bytes) = (delta("tx_frames").max(1), delta("tx_bytes"));
+        let (frames, bytes) = ring_traffic(&lab, 0, to as u32, || {
+            udp_run(&lab, 0, to, &Lab::addr(to), 6400 + to as u16, 19600, Some(1400));
+        });
         let whole = bytes / frames > 1518;
         assert_eq!(whole, to == 1, "USO to member {to}: {frames} frames, {bytes} bytes");
     }
@@ -438,8 +442,7 @@ fn offload_two_trusting_peers_read_frames_straight_into_the_ring() {
     let _serial = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     // Every peer trusts: super-frames are read from the TAP straight into the ring, header and
     // all (the data path's unit tests count those reads; here the real TAP's readv does it).
-    let trust: &[&str] = &["--offload", "on", "--trust-peer-checksums"];
-    let lab = lab(&[trust, trust]);
+    let lab = lab(&[TRUST, TRUST]);
     report(&format!("{test}:"));
     transfer(&lab, 0, 1, &Lab::addr(1), 5201, 0x7101);
     transfer(&lab, 1, 0, &format!("[{}]", addr6(0)), 5202, 0x7102);
