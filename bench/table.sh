@@ -177,14 +177,11 @@ if [ "$IVNET_ROWS" = 1 ]; then
     # Without IVNET, the working tree's ivnet, built now if it is not up to date (a binary left
     # from an earlier commit would be measured under this commit's name).
     if [ -z "${IVNET:-}" ] && command -v cargo >/dev/null; then
+        echo "table: building ivnet (cargo build --release)" >&2
         (cd "$ROOT" && cargo build --release --quiet) || die "cannot build ivnet; set IVNET=PATH"
     fi
     IVNET=${IVNET:-$ROOT/target/release/ivnet}
-    if [ ! -x "$IVNET" ]; then
-        echo "table: building ivnet (cargo build --release)" >&2
-        (cd "$ROOT" && cargo build --release --quiet) || die "cannot build ivnet; set IVNET=PATH"
-        [ -x "$IVNET" ] || die "no ivnet binary at $IVNET"
-    fi
+    [ -x "$IVNET" ] || die "no ivnet binary at $IVNET (build it with cargo, or set IVNET=PATH)"
     IVNET=$(cd "$(dirname "$IVNET")" && pwd)/$(basename "$IVNET")
     IVNET_VERSION=$("$IVNET" --version 2>/dev/null || echo "?")
     if "$IVNET" agent --help 2>/dev/null | grep -q -- --offload; then OFFLOAD_FLAG=1; fi
