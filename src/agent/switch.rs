@@ -8,7 +8,8 @@
 //! - Every learn and forward does bounded work: a hash lookup, one step of the ageing sweep
 //!   and, when a peer below its fair share learns into a full table, a look at the oldest entry
 //!   of each peer (at most [`MAX_PEER_IDS`] of them). Expired entries are swept incrementally,
-//!   one peer's oldest entry per learn, never by a full-table purge.
+//!   one peer's oldest entry per learn, never by a full-table purge. The address learned last
+//!   is refreshed without the lookup: a stream's frames all carry the same source.
 //! - Per-peer fair shares: each peer's entries form their own least-recently-seen list. When the
 //!   table is full, a peer holding at least its fair share (capacity / peers holding entries)
 //!   recycles its own oldest entry; a peer below it takes the oldest entry of the largest holder.
@@ -23,6 +24,8 @@ use crate::region::layout::MAX_PEERS_LIMIT;
 /// Peer ids the table tracks (`0..MAX_PEER_IDS`): every slot a region can have. Addresses seen
 /// behind a larger id are not learned (their frames are flooded).
 pub const MAX_PEER_IDS: usize = MAX_PEERS_LIMIT as usize;
+// `Switch::holders` has a bit per peer id.
+const _: () = assert!(MAX_PEER_IDS <= 64);
 
 /// Where a frame from the local interface goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +72,11 @@ pub struct Switch {
     entries: Vec<Entry>,
     free: u32,
     peers: [PeerList; MAX_PEER_IDS],
-    /// Peers with at least one entry.
-    holders: u32,
+    /// Peers with at least one entry: bit `p` for peer `p`.
+    holders: u64,
+    /// The entry the last learn created or refreshed (NIL if it has been released since): it is
+    /// the newest of its peer's list, so seeing its address again only updates its time.
+    recent: u32,
     /// Round-robin position of the incremental ageing sweep.
     sweep: usize,
     /// Entries looked at by learn/forward (for tests that bound the work per frame).
@@ -98,6 +104,7 @@ impl Switch {
             free: NIL,
             peers: [EMPTY_LIST; MAX_PEER_IDS],
             holders: 0,
+            recent: NIL,
             sweep: 0,
             #[cfg(test)]
             visited: 0,
@@ -128,7 +135,7 @@ impl Switch {
         }
         l.count += 1;
         if l.count == 1 {
-            self.holders += 1;
+            self.holders |= 1 << peer;
         }
         let e = &mut self.entries[i as usize];
         e.prev = old_tail;
@@ -154,12 +161,15 @@ impl Switch {
         }
         l.count -= 1;
         if l.count == 0 {
-            self.holders -= 1;
+            self.holders &= !(1 << peer);
         }
     }
 
     /// Forgets entry `i` and puts it on the free list.
     fn release(&mut self, i: u32) {
+        if i == self.recent {
+            self.recent = NIL;
+        }
         self.unlink(i);
         let mac = self.entries[i as usize].mac;
         self.index.remove(&mac);
@@ -172,18 +182,15 @@ impl Switch {
         if self.holders == 0 {
             return;
         }
-        // Skip peers without entries, looking at no more than every peer id once.
-        for _ in 0..MAX_PEER_IDS {
-            let p = self.sweep;
-            self.sweep = (self.sweep + 1) % MAX_PEER_IDS;
-            let head = self.peers[p].head;
-            if head != NIL {
-                self.count_visit();
-                if self.expired(head, now) {
-                    self.release(head);
-                }
-                return;
-            }
+        // The next peer with entries at or after the sweep's position, wrapping around.
+        let p = (self.sweep as u32 + self.holders.rotate_right(self.sweep as u32).trailing_zeros())
+            as usize
+            % 64;
+        self.sweep = (p + 1) % MAX_PEER_IDS;
+        let head = self.peers[p].head;
+        self.count_visit();
+        if self.expired(head, now) {
+            self.release(head);
         }
     }
 
@@ -191,7 +198,7 @@ impl Switch {
     /// must not be learned.
     fn victim(&mut self, peer: u32, now: Instant) -> Option<u32> {
         let mine = self.peers[peer as usize];
-        let sharers = self.holders + u32::from(mine.count == 0);
+        let sharers = self.holders.count_ones() + u32::from(mine.count == 0);
         let fair = (self.capacity as u32 / sharers.max(1)).max(1);
         if mine.count >= fair {
             // At or above its share: the peer recycles its own least recently seen address (the
@@ -229,6 +236,15 @@ impl Switch {
             return; // group addresses are never sources
         }
         self.sweep_step(now);
+        if let Some(e) = self.entries.get_mut(self.recent as usize) {
+            if e.mac == mac && e.peer == peer {
+                // The address learned last, from the same peer: already the newest entry of
+                // that peer's list (nothing was linked there since), so only its time changes.
+                e.seen = now;
+                self.count_visit();
+                return;
+            }
+        }
         if let Some(&i) = self.index.get(&mac) {
             self.count_visit();
             // Seen again: it becomes the newest entry of (possibly another) peer.
@@ -237,6 +253,7 @@ impl Switch {
             e.peer = peer;
             e.seen = now;
             self.link(i);
+            self.recent = i;
             return;
         }
         let i = if self.free != NIL {
@@ -257,6 +274,7 @@ impl Switch {
         self.entries[i as usize] = Entry { mac, peer, seen: now, prev: NIL, next: NIL };
         self.link(i);
         self.index.insert(mac, i);
+        self.recent = i;
     }
 
     /// Decides where a frame to `dst` goes.
@@ -308,7 +326,7 @@ impl Switch {
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         let mut total = 0usize;
-        let mut holders = 0u32;
+        let mut holders = 0u64;
         for (p, l) in self.peers.iter().enumerate() {
             let mut n = 0u32;
             let mut prev = NIL;
@@ -325,11 +343,16 @@ impl Switch {
             }
             assert_eq!(l.tail, prev, "tail of peer {p}");
             assert_eq!(l.count, n, "count of peer {p}");
-            holders += u32::from(n > 0);
+            holders |= u64::from(n > 0) << p;
             total += n as usize;
         }
         assert_eq!(total, self.index.len(), "entries in lists vs index");
         assert_eq!(holders, self.holders, "holders");
+        if self.recent != NIL {
+            let e = &self.entries[self.recent as usize];
+            assert_eq!(self.index.get(&e.mac), Some(&self.recent), "recent entry is not indexed");
+            assert_eq!(self.peers[e.peer as usize].tail, self.recent, "recent entry is not newest");
+        }
         assert!(total <= self.capacity, "more entries than capacity");
         assert!(self.entries.len() <= self.capacity, "allocated beyond capacity");
     }
@@ -380,6 +403,29 @@ mod tests {
         s.learn(B, 4, now);
         s.forget_peer(4);
         assert_eq!(s.forward(B, now), Forward::Flood);
+        s.check_invariants();
+    }
+
+    /// The address learned last is refreshed without a lookup; that shortcut must still move
+    /// its expiry, and must not outlive the entry it points at.
+    #[test]
+    fn test_relearning_the_last_address_refreshes_it_and_survives_its_release() {
+        let mut s = Switch::new(0, Duration::from_secs(10), 16);
+        let t0 = Instant::now();
+        s.learn(A, 3, t0);
+        s.learn(A, 3, t0 + Duration::from_secs(8));
+        assert_eq!(s.forward(A, t0 + Duration::from_secs(11)), Forward::Unicast(3));
+        s.check_invariants();
+        // Forgotten with its peer, then seen again from it: learned anew, not "refreshed".
+        s.forget_peer(3);
+        s.learn(A, 3, t0 + Duration::from_secs(12));
+        assert_eq!(s.forward(A, t0 + Duration::from_secs(12)), Forward::Unicast(3));
+        // Swept once expired, then seen again: the same.
+        let late = t0 + Duration::from_secs(30);
+        s.learn(B, 4, late);
+        assert_eq!(s.len(), 1, "A was swept");
+        s.learn(A, 3, late);
+        assert_eq!(s.forward(A, late), Forward::Unicast(3));
         s.check_invariants();
     }
 
