@@ -79,12 +79,13 @@ struct side {
 };
 
 static size_t ring_bytes = 1 << 20;
-static int copy_mode = 0, use_threads = 0, sum_mode = 0, nt_mode = 0;
+static int copy_mode = 0, use_threads = 0, sum_mode = 0, nt_mode = 0, early_room = 0;
 static long spin_ns = 0;
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: %s [--copy] [--sum] [--nt] [--threads] [--spin US] [--ring KIB] TAP_A TAP_B\n"
+            "usage: %s [--copy] [--sum] [--nt] [--threads] [--early-room] [--spin US] [--ring KIB]\n"
+            "       TAP_A TAP_B\n"
             "  Creates TAP_A and TAP_B (IFF_VNET_HDR, TSO) and relays frames between them through\n"
             "  two shared-memory rings, one side per TAP, until killed.\n"
             "  --copy     read each frame into a private buffer, then memcpy it into the ring\n"
@@ -92,6 +93,8 @@ static void usage(void) {
             "             clear NEEDS_CSUM, so the receiving kernel verifies it (ivnet's rule)\n"
             "  --nt       (implies --copy) copy into the ring with streaming stores (AVX2)\n"
             "  --threads  run the two sides as threads of one process (default: two processes)\n"
+            "  --early-room  return ring room each quarter of the ring consumed, not only at the\n"
+            "             end of a batch (as ivnet does)\n"
             "  --spin US  spin this long before sleeping (default 0)\n"
             "  --ring KIB bytes per ring (default 1024 KiB; at least %d KiB)\n",
             prog, 2 * REC_MAX / 1024 + 1);
@@ -295,6 +298,11 @@ static int rx(struct side *s, unsigned long long *dropped) {
         }
         tail += rec_len(n);
         moved++;
+        if (early_room && tail - atomic_load_explicit(&r->tail, memory_order_relaxed) >=
+                              ring_bytes / 4) {
+            atomic_store_explicit(&r->tail, tail, memory_order_release);
+            wake_peer(s, 1);
+        }
     }
     if (moved) {
         /* Release: we are done reading the bytes before the producer may reuse them. */
@@ -371,6 +379,8 @@ int main(int argc, char **argv) {
             copy_mode = sum_mode = 1;
         else if (strcmp(argv[i], "--nt") == 0)
             copy_mode = nt_mode = 1;
+        else if (strcmp(argv[i], "--early-room") == 0)
+            early_room = 1;
         else if (strcmp(argv[i], "--threads") == 0)
             use_threads = 1;
         else if (strcmp(argv[i], "--spin") == 0 && i + 1 < argc)

@@ -23,6 +23,7 @@ ROW_ORDER = [
     "crelay-vnet",
     "crelay",
     "cring",
+    "cring-early",
     "cring-copy",
     "cring-sum",
     "cring-nt",
@@ -47,6 +48,8 @@ ROW_TEXT = {
     "cring": ("C ring relay (`bench/ringrelay.c`): two processes, one TAP each (vnet_hdr +"
               " TSO), joined by two shared-memory rings; frames read straight into the ring,"
               " partial checksums passed on"),
+    "cring-early": ("C ring relay returning ring room each quarter of the ring consumed (as ivnet"
+                    " does), not only at the end of a batch"),
     "cring-copy": "C ring relay, each frame read into a buffer and copied into the ring",
     "cring-sum": ("C ring relay, checksums completed while copying into the ring and verified"
                   " by the receiving kernel (ivnet's integrity rule)"),
@@ -377,6 +380,7 @@ def evaluate_targets(rows, unsupported):
 # rest of ivnet costs (`gap` below).
 GAP_STEPS = [
     ("cring", "two processes joined by shared-memory rings (ivnet's shape, nothing else)"),
+    ("cring-early", "the same returning ring room each quarter of the ring, as ivnet does"),
     ("cring-sum-nt", "the same with ivnet's integrity rule and streaming stores"),
 ] + [(r, "ivnet: the above and everything an agent does besides") for r in ON_ROWS] + [
     (r.replace("-on", "-trust"),
@@ -539,7 +543,7 @@ def offload_state(out, rows):
 
 COLORS = {
     "veth": "#555555", "socat": "#b07aa1", "crelay-vnet": "#9c755f", "crelay": "#d4b9a6",
-    "cring": "#76b7b2", "cring-copy": "#9fd3cf", "cring-threads": "#4f9a94",
+    "cring": "#76b7b2", "cring-copy": "#9fd3cf", "cring-early": "#3b7d78", "cring-threads": "#4f9a94",
     "cring-sum": "#b6992d", "cring-nt": "#d7b5a6", "cring-sum-nt": "#edc948",
     "ivnet-file-on": "#4e79a7", "ivnet-file-off": "#a0c4e8",
     "ivnet-doorbell-on": "#f28e2b", "ivnet-doorbell-off": "#ffc58f",

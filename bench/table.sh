@@ -20,7 +20,8 @@
 #                        streaming stores
 #   (only when named:) crelay: taprelay.c without the virtio-net header and offloads;
 #   cring-copy, cring-sum, cring-nt: the ring relay reading into a buffer and copying into the
-#   ring, plainly, summing, or with streaming stores; cring-threads: as two threads
+#   ring, plainly, summing, or with streaming stores; cring-threads: as two threads;
+#   cring-early: returning ring room each quarter of the ring consumed, as ivnet does
 #   ivnet-file-on|off    two `ivnet agent` on a /dev/shm region file (file backend, polling)
 #   ivnet-doorbell-on|off  `ivnet server` and two `ivnet agent --socket --spin-us 0`
 #   ivnet-adaptive-on|off  the same with the agent's default spin window (or SPIN_US)
@@ -74,7 +75,7 @@ ALL_ROWS="veth socat crelay-vnet cring cring-sum-nt ivnet-file-on ivnet-file-off
 ivnet-doorbell-on ivnet-doorbell-off ivnet-adaptive-on ivnet-adaptive-off"
 # Measured only when named in ROWS: the relay without offloads, the ring relay's other variants,
 # ivnet trusting its peers' checksums.
-EXTRA_ROWS="crelay cring-copy cring-sum cring-nt cring-threads ivnet-file-trust \
+EXTRA_ROWS="crelay cring-early cring-copy cring-sum cring-nt cring-threads ivnet-file-trust \
 ivnet-doorbell-trust ivnet-adaptive-trust"
 ALL_WORKLOADS="tcp1500 tcp9000 tcp65521 tcp1500x4 udp-rr udp64 cpu stack idle"
 ROWS=${ROWS:-$ALL_ROWS}
@@ -350,6 +351,7 @@ row_cring_copy() { cring_row --copy; }
 row_cring_threads() { cring_row --threads; }
 row_cring_sum() { cring_row --sum; }
 row_cring_nt() { cring_row --nt; }
+row_cring_early() { cring_row --early-room; }
 row_cring_sum_nt() { cring_row --sum --nt; }
 
 # start_agent NS TAP LOG ARGS...: one `ivnet agent` in NS; returns once its TAP exists.
