@@ -86,8 +86,7 @@ fn ring_waiting_producer(
 /// `Datapath::complete_checksum`), and clears it.
 fn settle(frame: &mut [u8], pending: &mut Option<PartialChecksum>) {
     if let Some(p) = pending.take() {
-        let value = p.complete(frame);
-        frame[p.field..p.field + 2].copy_from_slice(&value);
+        p.store(frame, p.complete(frame));
     }
 }
 
@@ -471,7 +470,7 @@ impl<T: FrameIo> Datapath<T> {
             // destination (a flood) or a retry.
             let value = prod.push_summed(meta, frame, &p);
             return pushed(value.map(|v| {
-                frame[p.field..p.field + 2].copy_from_slice(&v);
+                p.store(frame, v);
                 *pending_csum = None;
             }));
         }

@@ -278,6 +278,12 @@ impl PartialChecksum {
         }
         .to_be_bytes()
     }
+
+    /// Writes `value` (from [`PartialChecksum::complete`] or a summing copy) into `frame`'s
+    /// checksum field, which makes its checksum complete.
+    pub fn store(&self, frame: &mut [u8], value: [u8; 2]) {
+        frame[self.field..self.field + 2].copy_from_slice(&value);
+    }
 }
 
 /// Where to complete the checksum of a NEEDS_CSUM frame without GSO.
