@@ -154,10 +154,7 @@ fn stack_interop_with_kernel_behind_tap_agent() {
     // agent are dropped (a departing member is not what this part is about, and smoltcp's TCP
     // recovers from such drops slowly: seen as echo clients timing out on a busy CI machine).
     // So the echo part starts on a settled segment.
-    let pings = if ipv6 { 2 } else { 1 };
-    wait_until("the echo server sees the ping tool leave", STEP, || {
-        echo.log().matches("peer 2 is down").count() >= pings
-    });
+    echo.wait_log_count("peer 2 is down", if ipv6 { 2 } else { 1 }, STEP);
 
     // 20 kernel TCP connections at once against the smoltcp echo server.
     let ok = kernel_echo_clients(&ns, "10.78.0.2:7".parse().expect("addr"), 20, 256 << 10)

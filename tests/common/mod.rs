@@ -1120,12 +1120,18 @@ impl StackProc {
 
     /// Waits until the log has a line containing `needle` (e.g. "joined").
     pub fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        self.wait_log_count(needle, 1, timeout);
+    }
+
+    /// Waits until `needle` occurs at least `count` times in the log (e.g. one "peer 2 is
+    /// down" per tool that used slot 2).
+    pub fn wait_log_count(&mut self, needle: &str, count: usize, timeout: Duration) {
         let start = Instant::now();
-        while !self.log().contains(needle) {
+        while self.log().matches(needle).count() < count {
             self.assert_running();
             if start.elapsed() > timeout {
                 panic!(
-                    "{}: no {needle:?} in its log within {timeout:?}:\n{}",
+                    "{}: fewer than {count} x {needle:?} in its log within {timeout:?}:\n{}",
                     self.label,
                     self.log()
                 );
