@@ -226,12 +226,26 @@ teardown() {
     for p in "${FILES[@]}"; do rm -f "$p"; done
     FILES=()
 }
+CC_ALLOWED_WAS="" # the host's allowed congestion controls, when this run added TCP_CC
 on_exit() {
     teardown
     [ -n "$WORK" ] && rm -rf "$WORK"
+    if [ -n "$CC_ALLOWED_WAS" ]; then
+        sysctl -qw net.ipv4.tcp_allowed_congestion_control="$CC_ALLOWED_WAS"
+    fi
 }
 trap on_exit EXIT
 trap 'say "interrupted; cleaning up"; exit 130' INT TERM HUP
+
+# In a namespace other than the host's, even root may only choose a congestion control from the
+# host's net.ipv4.tcp_allowed_congestion_control: add TCP_CC to it for this run.
+CC_ALLOWED=$(sysctl -n net.ipv4.tcp_allowed_congestion_control 2>/dev/null)
+if ! has "$CC_ALLOWED" "$TCP_CC"; then
+    sysctl -qw net.ipv4.tcp_allowed_congestion_control="$CC_ALLOWED $TCP_CC" ||
+        die "TCP_CC=$TCP_CC: cannot add it to net.ipv4.tcp_allowed_congestion_control"
+    CC_ALLOWED_WAS=$CC_ALLOWED
+    say "added $TCP_CC to net.ipv4.tcp_allowed_congestion_control for this run"
+fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ivnet-table.XXXXXX") || die "mktemp failed"
 
