@@ -149,11 +149,11 @@ fn stack_interop_with_kernel_behind_tap_agent() {
     }
 
     // The ping tools (peer 2) have left. Without doorbells the echo server notices that at
-    // its next link scan; until then it counts three members up, and a frame it keeps for the
-    // agent's full ring may wait only the 2 ms head-of-line budget before its frames to the
-    // agent are dropped (a departing member is not what this part is about, and smoltcp's TCP
-    // recovers from such drops slowly: seen as echo clients timing out on a busy CI machine).
-    // So the echo part starts on a settled segment.
+    // its next link scan; until then it counts three members up, one of them just talked to.
+    // (Its frames to the agent's full ring then waited only the 2 ms head-of-line budget and
+    // were dropped, and smoltcp's TCP recovers from drops slowly: echo clients timed out on a
+    // busy CI machine. The data path now reads the peer table again before such a drop.) A
+    // departing member is not what the echo part is about: it starts on a settled segment.
     echo.wait_log_count("peer 2 is down", if ipv6 { 2 } else { 1 }, STEP);
 
     // 20 kernel TCP connections at once against the smoltcp echo server.

@@ -35,6 +35,10 @@ const HEADER_PEEK: usize = 256;
 /// at all frees room far sooner; one that does not must not hold up the segment.
 const HEAD_OF_LINE_BUDGET: Duration = Duration::from_millis(2);
 
+/// A peer that had a unicast frame from us this recently may have more waiting behind a full
+/// ring (see [`Datapath::head_of_line_budget`]).
+const OTHERS_ACTIVE: Duration = Duration::from_secs(1);
+
 /// A frame kept for one peer whose ring was full: its bytes are in that peer's hold buffer,
 /// where the transmit buffer keeps its frames (after the header room).
 #[derive(Debug, Clone, Copy)]
@@ -236,6 +240,8 @@ pub struct Datapath<T: FrameIo> {
     /// Peers whose ring made no progress for the stall timeout: frames to them are dropped
     /// without waiting until their consumer moves again.
     stalled: Vec<bool>,
+    /// Per peer, when the local side last gave us a unicast frame for it.
+    unicast_at: Vec<Option<Instant>>,
     tap_readable: bool,
     counters: [u64; PEER_COUNTERS],
     doorbells: [u64; DOORBELL_COUNTERS],
@@ -332,6 +338,7 @@ impl<T: FrameIo> Datapath<T> {
             blocked: None,
             slow: vec![false; n as usize],
             stalled: vec![false; n as usize],
+            unicast_at: vec![None; n as usize],
             tap_readable: true,
             counters: [0; PEER_COUNTERS],
             doorbells: [0; DOORBELL_COUNTERS],
@@ -711,7 +718,10 @@ impl<T: FrameIo> Datapath<T> {
         let mut addrs = [0u8; 12];
         addrs.copy_from_slice(&frame_head[..12]);
         let flooded = match self.switch_addresses(addrs, now) {
-            Forward::Unicast(p) if p == peer && self.links.is_up(p) => false,
+            Forward::Unicast(p) if p == peer && self.links.is_up(p) => {
+                self.unicast_at[p as usize] = Some(now);
+                false
+            }
             // A flood whose only recipient is that peer.
             Forward::Flood if self.links.up_count() == 1 && self.links.is_up(peer) => true,
             _ => return false,
@@ -764,7 +774,7 @@ impl<T: FrameIo> Datapath<T> {
             if self.hold_or_send(b.dst, b.len, b.hdr, now) {
                 self.blocked = Some(b);
             }
-        } else if now.duration_since(b.since) >= self.head_of_line_budget(b.dst) {
+        } else if self.head_of_line_spent(b, now) {
             // The peer takes too long: drop this frame and, until its hold is free, the next
             // ones, rather than keep the segment waiting.
             self.producers[b.dst as usize].as_mut().expect("producer").count_drop_full();
@@ -774,14 +784,41 @@ impl<T: FrameIo> Datapath<T> {
         self.blocked.is_none()
     }
 
-    /// How long frames to others may wait behind `dst`'s full ring: [`HEAD_OF_LINE_BUDGET`],
-    /// or the stall timeout when `dst` is the only peer up (nobody else waits then).
-    fn head_of_line_budget(&self, dst: u32) -> Duration {
-        if self.links.up_count() <= 1 && self.links.is_up(dst) {
-            self.opts.stall_timeout
-        } else {
+    /// How long frames to others may wait behind `dst`'s full ring: [`HEAD_OF_LINE_BUDGET`]
+    /// when another peer up had a unicast frame from us within [`OTHERS_ACTIVE`] (its next one
+    /// may be waiting behind this frame), else the stall timeout: nobody is known to wait, and
+    /// dropping frames only because a consumer was off its CPU for a few milliseconds would
+    /// cost a stream far more than the wait (smoltcp's TCP backs off for seconds). A peer
+    /// that starts to talk then waits at most that long, once.
+    fn head_of_line_budget(&self, dst: u32, now: Instant) -> Duration {
+        let me = self.claim.id;
+        let others_active = (0..self.unicast_at.len() as u32).any(|p| {
+            p != dst
+                && p != me
+                && self.links.is_up(p)
+                && self.unicast_at[p as usize]
+                    .is_some_and(|t| now.duration_since(t) < OTHERS_ACTIVE)
+        });
+        if others_active || !self.links.is_up(dst) {
             HEAD_OF_LINE_BUDGET
+        } else {
+            self.opts.stall_timeout
         }
+    }
+
+    /// Whether the frame `b` has waited out its head-of-line budget. Before saying so it reads
+    /// the peer table again: a member that left is seen only at the next scan (at the
+    /// heartbeat, when it could not ring us), and until then it may be what keeps the budget
+    /// short. (This happens at most once per budget spent: the peer's next frames are dropped
+    /// without waiting until its hold is free.)
+    fn head_of_line_spent(&mut self, b: Blocked, now: Instant) -> bool {
+        let waited = now.duration_since(b.since);
+        if waited < self.head_of_line_budget(b.dst, now) {
+            return false;
+        }
+        self.scan_links(now);
+        // The scan may have taken `dst` down, and the blocked frame with it.
+        self.blocked.is_some() && waited >= self.head_of_line_budget(b.dst, now)
     }
 
     /// Frees `dst`'s hold.
@@ -898,6 +935,7 @@ impl<T: FrameIo> Datapath<T> {
     /// read until it has gone, for a bounded time).
     fn unicast(&mut self, peer: u32, len: usize, hdr: VnetHdr, now: Instant) -> bool {
         let d = peer as usize;
+        self.unicast_at[d] = Some(now);
         if self.stalled[d] {
             let prod = self.producers[d].as_mut().expect("producer");
             if !prod.tail_moved() {
@@ -1234,6 +1272,7 @@ impl<T: FrameIo> Datapath<T> {
         self.slow.iter_mut().for_each(|s| *s = false);
         self.last_dst = None;
         self.stalled.iter_mut().for_each(|s| *s = false);
+        self.unicast_at.iter_mut().for_each(|t| *t = None);
         self.rx_taken.iter_mut().for_each(|t| *t = 0);
         self.unringable.iter_mut().for_each(|u| *u = false);
         self.counters_dirty = true;

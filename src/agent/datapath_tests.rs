@@ -782,6 +782,71 @@ fn test_a_slowly_draining_peer_does_not_pace_the_others() {
     assert!(k <= 300, "C's frames waited {k} rounds (x 10 us) behind B's slow ring");
 }
 
+/// A has 200 frames for B and nothing for anyone else; B's consumer is off its CPU for the
+/// first 10 ms (1000 rounds of 10 us). `c_talks`: A sent C a frame just before. `c_leaves`: C
+/// then leaves, and A does not scan the peer table itself (no heartbeat in the window).
+/// Returns how many frames B got, in order, and the frames A dropped for B's full ring.
+fn paused_consumer_run(c_talks: bool, c_leaves: bool) -> (usize, u64) {
+    let r = region(3, 64);
+    let (mut a, mut b, mut c) = (member(&r, 0), member(&r, 1), member(&r, 2));
+    let t0 = Instant::now();
+    round_at(&mut [&mut a, &mut b, &mut c], &[true, true, true], t0);
+    if c_talks {
+        a.tap.inbound.push_back(frame(mac(2), mac(0), 0, 100));
+        round_at(&mut [&mut a, &mut b, &mut c], &[true, true, true], t0);
+        assert_eq!(c.tap.outbound.len(), 1);
+    }
+    if c_leaves {
+        c.leave();
+    }
+    for i in 0..200u32 {
+        a.tap.inbound.push_back(frame(mac(1), mac(0), i as u8, 5000));
+    }
+    for k in 1..=3000u32 {
+        let now = t0 + Duration::from_micros(10 * u64::from(k));
+        if c_leaves {
+            a.set_tap_readable();
+            a.tx(now);
+            a.publish(&mut NoDoorbells);
+            if k > 1000 {
+                b.rx(now, &mut NoDoorbells);
+                b.publish(&mut NoDoorbells);
+            }
+        } else {
+            round_at(&mut [&mut a, &mut b, &mut c], &[true, k > 1000, true], now);
+        }
+        if b.tap.outbound.len() == 200 {
+            break;
+        }
+    }
+    for (i, f) in b.tap.outbound.iter().enumerate() {
+        assert_eq!(f, &frame(mac(1), mac(0), i as u8, 5000), "frame {i} to B");
+    }
+    (b.tap.outbound.len(), RingSnapshot::read(&r, 0, 1).tx_drop_full)
+}
+
+#[test]
+fn test_a_paused_consumer_loses_nothing_while_nobody_else_is_talked_to() {
+    // C is up but A has sent it nothing: no frame can be waiting behind B's, so B's frames wait
+    // for it (up to the 250 ms stall timeout) instead of being dropped after 2 ms.
+    assert_eq!(paused_consumer_run(false, false), (200, 0));
+}
+
+#[test]
+fn test_a_paused_consumer_loses_frames_while_another_peer_is_talked_to() {
+    // A talked to C within the last second: C's next frame may be behind B's, so B's frames
+    // wait only the head-of-line budget; the excess is dropped (and counted).
+    let (got, dropped) = paused_consumer_run(true, false);
+    assert!(dropped > 0 && got < 200, "B got {got} frames, {dropped} dropped");
+}
+
+#[test]
+fn test_a_peer_that_left_unseen_does_not_shorten_the_wait() {
+    // C, talked to just before, leaves; A has not scanned the table since. Before dropping B's
+    // frames, A looks again, finds nobody else up, and keeps waiting.
+    assert_eq!(paused_consumer_run(true, true), (200, 0));
+}
+
 #[test]
 fn test_stale_frames_count_against_the_batch() {
     let r = region(2, 4096);
